@@ -1,0 +1,486 @@
+"""The typed config tree: nested dataclasses, loaded from YAML recipes with `--set a.b=value` overrides.
+
+Every field carries its meaning (and unit) in the comment beside it. Unknown keys, wrong types and out-of-range
+values raise one `ConfigError` naming the dotted key. The DeepSpeed JSON is generated from this tree
+(`deepspeed_config`), never kept as a second hand-edited copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message starts with the dotted key."""
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"config key '{key}': {msg}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF-layout model directory (config.json + safetensors + tokenizer); "" -> build a tiny model
+    tiny_family: Literal["qwen2", "qwen3", "llama"] = "qwen2"  # family of the tiny model built when path is ""
+    tiny_hidden_size: int = 64  # hidden size of the tiny model
+    tiny_num_layers: int = 2  # decoder layers of the tiny model
+    tiny_num_heads: int = 4  # attention heads of the tiny model
+    tiny_num_kv_heads: int = 2  # key/value heads of the tiny model (GQA)
+    tiny_intermediate_size: int = 128  # MLP width of the tiny model
+    attn_backend: Literal["auto", "sdpa", "flash_attn"] = "auto"  # attention kernel; flash_attn needs the gpu extra
+    kernel_backend: Literal["auto", "triton", "torch"] = "auto"  # fused LM-head/loss kernels: auto = triton on CUDA
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward to save memory
+
+    def validate(self, p: str) -> None:
+        for name in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_heads", "tiny_num_kv_heads", "tiny_intermediate_size"):
+            if getattr(self, name) <= 0:
+                _fail(f"{p}.{name}", "must be > 0")
+        if self.tiny_hidden_size % self.tiny_num_heads:
+            _fail(f"{p}.tiny_hidden_size", "must be divisible by tiny_num_heads")
+        if self.tiny_num_heads % self.tiny_num_kv_heads:
+            _fail(f"{p}.tiny_num_kv_heads", "must divide tiny_num_heads")
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # parquet/jsonl files (verl or plain format)
+    eval_files: list[str] = field(default_factory=list)  # held-out parquet/jsonl files for periodic evaluation
+    synthetic_kinds: list[str] = field(default_factory=lambda: ["arith"])  # tasks made when train_files is empty
+    synthetic_level: int = 2  # difficulty level of the synthetic tasks (see grpo_core/tasks)
+    synthetic_train_size: int = 2000  # rows of synthetic train data
+    synthetic_eval_size: int = 200  # rows of synthetic held-out data
+    prompt_template: str = ""  # format string with {prompt}; "" -> the tokenizer's chat template
+    max_prompt_tokens: int = 256  # longer prompts are dropped (and counted)
+    allow_unlabeled: bool = False  # rows without gold answers are kept and labelled by majority vote (TTRL)
+
+    def validate(self, p: str) -> None:
+        if self.max_prompt_tokens <= 0:
+            _fail(f"{p}.max_prompt_tokens", "must be > 0")
+        if self.synthetic_train_size <= 0 or self.synthetic_eval_size < 0:
+            _fail(f"{p}.synthetic_train_size", "must be > 0 (and synthetic_eval_size >= 0)")
+        if self.prompt_template and "{prompt}" not in self.prompt_template:
+            _fail(f"{p}.prompt_template", "must contain '{prompt}'")
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["torch", "vllm"] = "torch"  # generation engine; vllm needs the gpu extra and CUDA
+    group_size: int = 8  # responses sampled per prompt (G)
+    temperature: float = 1.0  # sampling temperature (the trainer's logprobs use the same one)
+    top_p: float = 1.0  # nucleus sampling mass
+    top_k: int = 0  # top-k sampling, 0 = off
+    max_new_tokens: int = 256  # response length cap in tokens (also L_max of Dr.GRPO's constant)
+    stop_strings: list[str] = field(default_factory=list)  # extra stop strings
+    max_batch_size: int = 64  # torch engine: rows decoded together
+    gpu_memory_utilization: float = 0.5  # vllm: fraction of GPU memory for weights + KV cache
+    tensor_parallel_size: int = 1  # vllm: tensor parallel degree inside a node
+    sleep_mode: bool = True  # vllm: release KV cache and weights while training
+
+    def validate(self, p: str) -> None:
+        if self.group_size < 1:
+            _fail(f"{p}.group_size", "must be >= 1")
+        if self.temperature < 0:
+            _fail(f"{p}.temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            _fail(f"{p}.top_p", "must be in (0, 1]")
+        if self.top_k < 0:
+            _fail(f"{p}.top_k", "must be >= 0")
+        if self.max_new_tokens < 1:
+            _fail(f"{p}.max_new_tokens", "must be >= 1")
+        if self.max_batch_size < 1:
+            _fail(f"{p}.max_batch_size", "must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            _fail(f"{p}.gpu_memory_utilization", "must be in (0, 1]")
+
+
+@dataclass
+class RewardConfig:
+    correct: float = 1.0  # reward of a verified-correct response
+    incorrect: float = 0.0  # reward otherwise (e.g. -1.0)
+    format_reward: float = 0.0  # added when the response has a parsable final answer (0 = off)
+    overlong_shaping: bool = False  # DAPO soft overlong punishment (spec 2)
+    overlong_cache_len: int = 64  # L_cache in tokens; L_max is rollout.max_new_tokens
+    verifier_workers: int = 0  # verifier worker processes (0 = in-process, size-bounded)
+    verifier_timeout_s: float = 2.0  # wall-clock bound per verified item in the worker pool
+
+    def validate(self, p: str) -> None:
+        if self.verifier_workers < 0:
+            _fail(f"{p}.verifier_workers", "must be >= 0")
+        if self.verifier_timeout_s <= 0:
+            _fail(f"{p}.verifier_timeout_s", "must be > 0")
+        if self.overlong_cache_len < 1:
+            _fail(f"{p}.overlong_cache_len", "must be >= 1")
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"  # advantage estimator (spec 1)
+    adv_eps: float = 1e-6  # eps in GRPO's std normalisation
+    edas: bool = False  # error-diversity advantage shaping on incorrect rollouts (spec 1)
+    edas_alpha: float = 0.4  # EDAS alpha
+    edas_beta: float = 0.2  # EDAS beta (single wrong-answer class)
+    edas_kappa: float = 2.0  # EDAS kappa (cap on the shift relative to |A|)
+    dynamic_sampling: bool = True  # DAPO: drop groups whose rewards are all equal, resample
+    max_gen_batches: int = 4  # bound on generation rounds per step under dynamic sampling
+    policy_loss: Literal["ppo", "gspo"] = "ppo"  # token-level clipped ratio, or GSPO sequence-level ratio
+    eps_low: float = 0.2  # lower clip: r >= 1 - eps_low (GSPO default 3e-4 set by the recipe)
+    eps_high: float = 0.28  # upper clip (DAPO clip-higher): r <= 1 + eps_high
+    dual_clip: Optional[float] = None  # dual-clip constant c for A < 0 (e.g. 3.0), None = off
+    nsr: Literal["off", "scaled", "band"] = "scaled"  # near-boundary stochastic rescue rule (spec 3)
+    nsr_prob: float = 0.5  # band rule: rescue probability
+    nsr_band: float = 0.1  # band rule: band width beyond the clip edge
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-sum-constant"] = "token-mean"  # aggregation
+    entropy_coef: float = 0.0  # entropy bonus coefficient
+    kl_coef: float = 0.0  # KL-to-reference coefficient (0 = no reference model at all)
+    kl_type: Literal["k1", "k3"] = "k3"  # KL estimator
+    hidden_align_coef: float = 0.0  # Hidden-Align lambda (spec 4), 0 = off
+    hidden_align_marker: str = "\\boxed{"  # the anchor is the token just before the last marker
+    fipo: bool = False  # future-KL influenced advantage weights (spec 5)
+    fipo_tau: float = 32.0  # FIPO half-life in tokens
+    fipo_eps: float = 0.2  # FIPO clip range
+    fipo_high_only: bool = False  # FIPO clip to [1, 1 + eps] only
+    tis: Literal["off", "token", "sequence"] = "off"  # truncated importance sampling for rollout mismatch
+    tis_clip: float = 2.0  # TIS truncation threshold
+
+    def validate(self, p: str) -> None:
+        if not 0 <= self.eps_low < 1:
+            _fail(f"{p}.eps_low", "must be in [0, 1)")
+        if self.eps_high < 0:
+            _fail(f"{p}.eps_high", "must be >= 0")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            _fail(f"{p}.dual_clip", "must be > 1 (or null)")
+        if not 0 <= self.nsr_prob <= 1:
+            _fail(f"{p}.nsr_prob", "must be in [0, 1]")
+        if self.nsr_band <= 0:
+            _fail(f"{p}.nsr_band", "must be > 0")
+        if self.max_gen_batches < 1:
+            _fail(f"{p}.max_gen_batches", "must be >= 1")
+        for name in ("entropy_coef", "kl_coef", "hidden_align_coef", "edas_alpha", "edas_beta"):
+            if getattr(self, name) < 0:
+                _fail(f"{p}.{name}", "must be >= 0")
+        if self.edas_kappa <= 0:
+            _fail(f"{p}.edas_kappa", "must be > 0")
+        if self.tis_clip <= 0:
+            _fail(f"{p}.tis_clip", "must be > 0")
+        if not self.hidden_align_marker:
+            _fail(f"{p}.hidden_align_marker", "must not be empty")
+
+
+@dataclass
+class WarmStartConfig:
+    steps: int = 0  # supervised warm-start steps on the data's worked solutions before RL (0 = off)
+    lr: float = 3e-3  # warm-start learning rate
+    batch_size: int = 32  # warm-start sequences per step
+
+    def validate(self, p: str) -> None:
+        if self.steps < 0:
+            _fail(f"{p}.steps", "must be >= 0")
+        if self.lr <= 0:
+            _fail(f"{p}.lr", "must be > 0")
+        if self.batch_size < 1:
+            _fail(f"{p}.batch_size", "must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100  # RL optimizer steps
+    output_dir: str = "runs/default"  # where logs, checkpoints, metrics.jsonl and summary.json go
+    seed: int = 0  # seeds data order, init, sampling and NSR
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    train_batch_prompts: int = 8  # prompt groups per optimizer step (global, all ranks)
+    ppo_epochs: int = 1  # passes over each rollout batch
+    mini_batches: int = 1  # optimizer steps per rollout batch and epoch
+    max_tokens_per_micro_batch: int = 4096  # token budget of one packed micro-batch
+    lr: float = 1e-6  # peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    adam_eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 0  # linear LR warmup in optimizer steps
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # global grad-norm clip (0 = off)
+    eval_every: int = 0  # evaluate on data.eval_files every N steps (0 = only before and after)
+    eval_greedy: bool = True  # evaluation decodes greedily (else samples at rollout.temperature)
+    eval_max_prompts: int = 200  # cap on evaluated prompts
+
+    def validate(self, p: str) -> None:
+        for name in ("max_steps", "train_batch_prompts", "ppo_epochs", "mini_batches", "max_tokens_per_micro_batch"):
+            if getattr(self, name) < 1:
+                _fail(f"{p}.{name}", "must be >= 1")
+        if self.lr <= 0:
+            _fail(f"{p}.lr", "must be > 0")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            _fail(f"{p}.adam_betas", "must be two numbers in [0, 1)")
+        if self.adam_eps <= 0:
+            _fail(f"{p}.adam_eps", "must be > 0")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0:
+            _fail(f"{p}.warmup_steps", "warmup_steps, eval_every and grad_clip must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail(f"{p}.min_lr_ratio", "must be in [0, 1]")
+        if not self.output_dir:
+            _fail(f"{p}.output_dir", "must not be empty")
+        if self.train_batch_prompts % self.mini_batches:
+            _fail(f"{p}.mini_batches", "must divide trainer.train_batch_prompts")
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 0  # save a resumable checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept (older ones deleted after a successful save)
+    export_hf: bool = True  # also export the policy in HF layout (safetensors) with each checkpoint
+
+    def validate(self, p: str) -> None:
+        if self.save_every < 0:
+            _fail(f"{p}.save_every", "must be >= 0")
+        if self.keep_last < 1:
+            _fail(f"{p}.keep_last", "must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True  # write tensorboard scalars under output_dir/tb
+    progress_bar: bool = True  # tqdm progress bar on rank 0
+    plot: bool = True  # write a PNG of the reward/accuracy curves at the end
+
+    def validate(self, p: str) -> None:
+        return None
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 3  # ZeRO stage (the trainer is built and tested for 3)
+    offload_optimizer: bool = False  # keep optimizer states on CPU
+    offload_param: bool = False  # keep parameters on CPU
+    bf16: Literal["auto", "on", "off"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    torch_adam: bool = True  # use torch's AdamW (no compiled DeepSpeed ops needed)
+
+    def validate(self, p: str) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            _fail(f"{p}.zero_stage", "must be 0, 1, 2 or 3")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Check (and lightly coerce: int -> float, tuple -> list) `value` against annotation `tp`."""
+    if isinstance(value, _Override):
+        value = value.raw if tp is str else value.parsed
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            _fail(key, f"must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        _fail(key, f"wrong type {type(value).__name__} ({value!r})")
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            _fail(key, f"must be a list, got {type(value).__name__} ({value!r})")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_check_type(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(key, f"must be true/false, got {type(value).__name__} ({value!r})")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, f"must be an integer, got {type(value).__name__} ({value!r})")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads "1e-6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(key, f"must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, f"must be a number, got {type(value).__name__} ({value!r})")
+        if not math.isfinite(float(value)):
+            _fail(key, f"must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(key, f"must be a string, got {type(value).__name__} ({value!r})")
+        return value
+    raise TypeError(f"unsupported config annotation {tp} at {key}")
+
+
+def _build(cls: type, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        _fail(prefix or "<root>", f"must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            key = f"{prefix}.{k}" if prefix else str(k)
+            _fail(key, f"unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            section = data[f.name]
+            if isinstance(section, _Override):
+                _fail(key, "is a section; set its keys, e.g. " + f"{key}.<field>=value")
+            kwargs[f.name] = _build(tp, section if section is not None else {}, key)
+        else:
+            kwargs[f.name] = _check_type(key, data[f.name], tp)
+    return cls(**kwargs)
+
+
+class _Override:
+    """A `--set` value: YAML-parsed for typed fields, kept verbatim for string fields (so a template like
+    "{prompt}\n" is not read as a YAML mapping)."""
+
+    def __init__(self, raw: str, parsed: Any):
+        self.raw, self.parsed = raw, parsed
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value, e.g. trainer.lr=1e-6")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}': bad key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), _Override(raw, value)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides (value parsed as YAML) onto a nested dict."""
+    for item in overrides or []:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{item.split('=', 1)[0]}': '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML recipe (or the defaults when path is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+    data = apply_overrides(data, list(overrides or []))
+    cfg = _build(Config, data, "")
+    return cfg.validate()
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data, "").validate()
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (for resume checks)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}.{k}" if prefix else k
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.extend(config_diff(va, vb, key))
+        elif va != vb:
+            out.append(f"{key}: {va!r} -> {vb!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- deepspeed
+
+def deepspeed_config(cfg: Config, *, world_size: int, use_cuda: bool, micro_batch_size: int = 1) -> dict:
+    """Generate the DeepSpeed JSON from the tree. Gradient accumulation is driven by the trainer (it calls
+    backward once per packed micro-batch and steps once per mini-batch), so DeepSpeed sees gas = 1 and the
+    trainer's loss already carries the global normalizer (grpo_core.losses)."""
+    bf16 = cfg.deepspeed.bf16 == "on" or (cfg.deepspeed.bf16 == "auto" and use_cuda)
+    betas = list(cfg.trainer.adam_betas)
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage == 3:
+        zero.update({
+            "stage3_gather_16bit_weights_on_model_save": False,
+            "stage3_param_persistence_threshold": 0,
+            "contiguous_gradients": True,
+            "overlap_comm": use_cuda,
+        })
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_cuda}
+    if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_cuda}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * world_size,
+        "gradient_clipping": cfg.trainer.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.trainer.lr,
+                "betas": betas,
+                "eps": cfg.trainer.adam_eps,
+                "weight_decay": cfg.trainer.weight_decay,
+                "torch_adam": cfg.deepspeed.torch_adam,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }

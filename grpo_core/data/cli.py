@@ -1,0 +1,78 @@
+"""`grpo data ...` subcommands.
+
+  grpo data make-synthetic --out DIR --kinds arith,linear_eq,frac --n-train 2000 --n-test 200 --seed 0 [--level N]
+      writes DIR/train.parquet and DIR/test.parquet (plain format, disjoint prompts).
+  grpo data validate FILE [FILE ...] [--allow-unlabeled]
+      checks that files load (format, fields, types) and prints a summary per file.
+
+grpo_core/cli.py makes the `data` parser, calls `add_data_subcommands(data.add_subparsers(dest="data_command"))`
+and hands the parsed args to `run_data_command(args)`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from grpo_core.data.io import DataError, read_records, write_dataset
+from grpo_core.data.schema import rows_to_samples
+
+
+def add_data_subcommands(commands: argparse._SubParsersAction) -> None:
+    """Register `make-synthetic` and `validate` on the `data` group's subparsers (dest="data_command")."""
+    make = commands.add_parser("make-synthetic", help="write synthetic train/test splits (parquet)")
+    make.add_argument("--out", required=True, type=Path, help="output folder")
+    make.add_argument("--kinds", default="arith,linear_eq,frac",
+                      help="comma-separated task kinds: arith, linear_eq, frac")
+    make.add_argument("--n-train", type=int, default=2000, help="train rows (split evenly over kinds)")
+    make.add_argument("--n-test", type=int, default=200, help="test rows (split evenly over kinds)")
+    make.add_argument("--seed", type=int, default=0, help="generation seed")
+    make.add_argument("--level", type=int, default=None,
+                      help="difficulty level for every kind (default: mix all levels)")
+    make.add_argument("--format", choices=("parquet", "jsonl"), default="parquet", help="file format")
+
+    validate = commands.add_parser("validate", help="check that data files load and summarize them")
+    validate.add_argument("files", nargs="+", type=Path, help="parquet or JSONL files")
+    validate.add_argument("--allow-unlabeled", action="store_true", help="accept rows without a gold answer")
+
+
+def _make_synthetic(args: argparse.Namespace) -> int:
+    from grpo_core.tasks import make_train_test
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if args.n_train <= 0 or args.n_test <= 0:
+        raise DataError(f"--n-train and --n-test must be positive, got {args.n_train} and {args.n_test}")
+    try:
+        train, test = make_train_test(kinds, args.n_train, args.n_test, seed=args.seed, level=args.level)
+    except ValueError as exc:
+        raise DataError(str(exc)) from exc
+    for split, rows in (("train", train), ("test", test)):
+        path = write_dataset(rows, Path(args.out) / f"{split}.{args.format}")
+        sources = Counter(row["data_source"] for row in rows)
+        print(f"wrote {path}: {len(rows)} rows ({', '.join(f'{k}={v}' for k, v in sorted(sources.items()))})")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    for path in args.files:
+        rows, columns = read_records(path)
+        fmt, samples = rows_to_samples(rows, columns, path, uid_prefix=path.stem,
+                                       allow_unlabeled=args.allow_unlabeled)
+        sources = Counter(s.data_source for s in samples)
+        labeled = sum(s.answer is not None for s in samples)
+        print(f"{path}: {fmt} format, {len(samples)} rows, {labeled} labeled, data sources: "
+              f"{', '.join(f'{k}={v}' for k, v in sorted(sources.items()))}")
+    return 0
+
+
+_COMMANDS = {"make-synthetic": _make_synthetic, "validate": _validate}
+
+
+def run_data_command(args: argparse.Namespace) -> int:
+    """Run the parsed `grpo data ...` command; returns the exit code (1 with a message on bad data)."""
+    try:
+        return _COMMANDS[args.data_command](args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,124 @@
+"""Process-group set-up and the few collectives the trainer needs (gloo on CPU, NCCL on GPU).
+
+Works alone (one process, no launcher), under torchrun, and under the deepspeed launcher. Misconfiguration
+(half-set launcher variables, a rank outside the world) is reported in one clear line at start-up.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class LaunchError(RuntimeError):
+    """The launcher environment is inconsistent."""
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_launch_env(env: dict | None = None) -> tuple[int, int, int]:
+    """Validate RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; return (rank, world, local_rank)."""
+    env = dict(os.environ if env is None else env)
+    keys = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    present = [k for k in keys if k in env]
+    if not present:
+        return 0, 1, 0
+    missing = [k for k in keys if k not in env]
+    if missing and int(env.get("WORLD_SIZE", "1")) > 1:
+        raise LaunchError(f"launcher environment incomplete: {', '.join(missing)} not set (use torchrun or deepspeed)")
+    try:
+        rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+        local_rank = int(env.get("LOCAL_RANK", str(rank)))
+    except ValueError as e:
+        raise LaunchError(f"launcher environment: RANK/WORLD_SIZE/LOCAL_RANK must be integers ({e})") from None
+    if world < 1 or not 0 <= rank < world:
+        raise LaunchError(f"launcher environment: RANK={rank} is outside WORLD_SIZE={world}")
+    if local_rank < 0:
+        raise LaunchError(f"launcher environment: LOCAL_RANK={local_rank} must be >= 0")
+    return rank, world, local_rank
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Initialise torch.distributed (and DeepSpeed's view of it) once; a lone process becomes a world of 1."""
+    rank, world, local_rank = check_launch_env()
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LaunchError("trainer.device='cuda' but no CUDA device is visible")
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise LaunchError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are visible")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+        # DeepSpeed would otherwise look for an Intel/CUDA accelerator; plain CPU + gloo is what we want here.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    backend = "nccl" if use_cuda else "gloo"
+    if "MASTER_ADDR" not in os.environ:
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+    if info.world_size != world:
+        raise LaunchError(f"process group has {info.world_size} ranks but WORLD_SIZE={world}")
+    return info
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max_int(value: int, device: torch.device) -> int:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_gather_objects(obj) -> list:
+    """Gather one picklable object per rank (small metadata only: lengths, counts, answers)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

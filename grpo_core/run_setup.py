@@ -1,0 +1,154 @@
+"""Everything a run needs before the loop starts: tokenizer, model directory, datasets, verifier, rewards,
+and the optional supervised warm start. With the embedded defaults (no model path, no data files) it builds
+the project's tiny tokenizer and model and synthetic verifiable tasks, so a fresh CPU machine can train
+with nothing downloaded.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from grpo_core import distributed as gdist
+from grpo_core.config import Config
+from grpo_core.distributed import DistInfo
+
+
+class Scorer:
+    """Verifies responses (in-process or in a pool of killable workers) and turns results into rewards.
+    Prompts without a gold answer get the group's majority canonical answer as pseudo-gold (TTRL)."""
+
+    def __init__(self, cfg: Config):
+        from grpo_core.rewards import RewardSettings
+
+        self.cfg = cfg
+        self.settings = RewardSettings.from_config(cfg.reward, cfg.rollout.max_new_tokens)
+        self._pool = None
+        if cfg.reward.verifier_workers > 0:
+            from grpo_core.verify.pool import VerifierPool
+
+            self._pool = VerifierPool(workers=cfg.reward.verifier_workers, timeout_s=cfg.reward.verifier_timeout_s)
+
+    def _judge(self, texts: list[str], golds: list[str]) -> list:
+        if self._pool is not None:
+            return self._pool.map(texts, golds)
+        from grpo_core.verify.api import judge
+
+        return [judge(t, g, with_canonical=True) for t, g in zip(texts, golds)]
+
+    def score(self, texts: list[str], golds: list[Optional[str]], group_ids: list[int]) -> list:
+        if any(g is None for g in golds):
+            from grpo_core.rewards import majority_vote_labels
+            from grpo_core.verify import canonical_answer
+
+            canon = [canonical_answer(t) for t in texts]
+            labels = majority_vote_labels(canon, group_ids)
+            golds = [g if g is not None else (lab if lab is not None else "") for g, lab in zip(golds, labels)]
+        return self._judge(texts, [g or "" for g in golds])
+
+    def rewards(self, results: list, lengths: list[int], finish_reasons: list[str]) -> list[float]:
+        from grpo_core.rewards import compute_rewards
+
+        if not results:
+            return []
+        return compute_rewards([r.correct for r in results], [r.answer for r in results], lengths,
+                               self.settings).tolist()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+
+@dataclass
+class RunAssets:
+    tokenizer: Any
+    model_dir: str  # the weights the run starts from (after the warm start, when there is one)
+    reference_dir: str  # frozen reference for the KL term: the starting weights
+    train_set: Any
+    eval_set: Any
+    verifier: Scorer
+    policy: Any  # the plain CausalLM the DeepSpeed engine wraps
+    warm_start_summary: dict = field(default_factory=dict)
+
+    def rewards(self, results, lengths, finish_reasons):
+        return self.verifier.rewards(results, lengths, finish_reasons)
+
+
+def _build_tiny(cfg: Config, out: Path) -> str:
+    from grpo_core.tiny import build_tiny_model_dir
+
+    m = cfg.model
+    return build_tiny_model_dir(out, family=m.tiny_family, hidden_size=m.tiny_hidden_size,
+                                num_layers=m.tiny_num_layers, num_heads=m.tiny_num_heads,
+                                num_kv_heads=m.tiny_num_kv_heads, intermediate_size=m.tiny_intermediate_size,
+                                seed=cfg.trainer.seed)
+
+
+def _make_synthetic_data(cfg: Config, out: Path) -> tuple[list[str], list[str]]:
+    from grpo_core.data.io import write_dataset
+    from grpo_core.tasks.synthetic import make_train_test
+
+    d = cfg.data
+    train, test = make_train_test(d.synthetic_kinds, d.synthetic_train_size, d.synthetic_eval_size,
+                                  seed=cfg.trainer.seed, level=d.synthetic_level)
+    write_dataset(train, out / "train.parquet")
+    files_eval = []
+    if test:
+        write_dataset(test, out / "test.parquet")
+        files_eval = [str(out / "test.parquet")]
+    return [str(out / "train.parquet")], files_eval
+
+
+def prepare_run(cfg: Config, dist_info: DistInfo) -> RunAssets:
+    from grpo_core.data.dataset import PromptDataset
+    from grpo_core.model import CausalLM
+    from grpo_core.tokenizer import Tokenizer
+
+    out = Path(cfg.trainer.output_dir)
+    model_dir = cfg.model.path
+    train_files, eval_files = list(cfg.data.train_files), list(cfg.data.eval_files)
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not model_dir:
+            _build_tiny(cfg, out / "base_model")
+        if not train_files:
+            _make_synthetic_data(cfg, out / "data")
+    gdist.barrier()
+    if not model_dir:
+        model_dir = str(out / "base_model")
+    if not cfg.data.train_files:
+        train_files = [str(out / "data" / "train.parquet")]
+        if not eval_files and cfg.data.synthetic_eval_size > 0:
+            eval_files = [str(out / "data" / "test.parquet")]
+    if not Path(model_dir, "config.json").exists():
+        raise FileNotFoundError(f"model.path '{model_dir}' has no config.json (expected an HF-layout directory)")
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    kw = dict(prompt_template=cfg.data.prompt_template or None, max_prompt_tokens=cfg.data.max_prompt_tokens,
+              allow_unlabeled=cfg.data.allow_unlabeled)
+    train_set = PromptDataset(train_files, tokenizer, **kw)
+    eval_set = PromptDataset(eval_files, tokenizer, **kw) if eval_files else None
+    policy = CausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_backend=cfg.model.attn_backend)
+    summary: dict = {}
+    start_dir = model_dir
+    if cfg.warm_start.steps > 0:
+        from grpo_core.warm_start import supervised_warm_start
+
+        # Every rank runs the same deterministic warm start on the same data, so weights agree without a
+        # broadcast; rank 0 writes them as the run's starting checkpoint (rollout copy, KL reference).
+        summary = supervised_warm_start(policy, tokenizer, train_set, cfg, device=dist_info.device)
+        start_dir = str(out / "warm_start_model")
+        if dist_info.is_main:
+            policy.save_pretrained(start_dir)
+            tokenizer.save_pretrained(start_dir)
+        gdist.barrier()
+    return RunAssets(tokenizer=tokenizer, model_dir=start_dir, reference_dir=start_dir, train_set=train_set,
+                     eval_set=eval_set, verifier=Scorer(cfg), policy=policy, warm_start_summary=summary)
+
+
+def timed(fn, *args, **kwargs):
+    t = time.time()
+    out = fn(*args, **kwargs)
+    return out, time.time() - t

@@ -1,0 +1,256 @@
+"""The public single-item API: :func:`verify`, :func:`judge`, :func:`extract_answer`, :func:`canonical_answer`.
+
+``verify(response, gold)`` never raises and is bounded for any ``str``: the response is scanned with
+linear-time string operations only, the answer span is capped at MAX_ANSWER_CHARS, the parser bounds
+depth and number sizes, and on the main thread a SIGALRM guard (``VerifyConfig.timeout_s``) interrupts a
+slow symbolic step (reported as reason ``"timeout"``, scored incorrect). For a hard bound in any thread use
+:class:`grpo_core.verify.pool.VerifierPool`, which kills a worker that overruns.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+
+import sympy
+
+from grpo_core.verify.equivalence import as_intervals, choice_letter, structures_equal
+from grpo_core.verify.extract import ExtractConfig, extract_span, gold_span
+from grpo_core.verify.values import (
+    PM,
+    AnswerList,
+    Bracketed,
+    MatrixOf,
+    Relation,
+    SetOf,
+    UnionOf,
+)
+from grpo_core.verify.latex_parser import parse_math
+from grpo_core.verify.limits import Deadline, ParseError, TooBig, time_guard
+from grpo_core.verify.normalize import NormalizedAnswer, normalize_span
+
+_GOLD_CHOICE = re.compile(r"\(?([A-J])\)?")
+_WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
+_MATH_NAMES = {
+    "sin",
+    "cos",
+    "tan",
+    "cot",
+    "sec",
+    "csc",
+    "log",
+    "ln",
+    "exp",
+    "sqrt",
+    "pi",
+    "inf",
+    "infty",
+    "infinity",
+    "arcsin",
+    "arccos",
+    "arctan",
+    "sinh",
+    "cosh",
+    "tanh",
+    "abs",
+}
+
+
+def _is_word_answer(text: str) -> bool:
+    """Prose answers such as "yes", "Monday", "odd": some word of >= 3 letters, no math function names.
+    ("xy" stays a product of symbols.)"""
+    if not _WORDS.fullmatch(text):
+        return False
+    words = text.lower().split()
+    return any(len(w) >= 3 for w in words) and not any(w in _MATH_NAMES for w in words)
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Options of the verifier."""
+
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    """Which answer forms are extracted from the response (see ExtractConfig)."""
+    timeout_s: float = 1.0
+    """In-process wall-clock budget per call in seconds (SIGALRM, main thread only); <= 0 disables it."""
+
+    def __post_init__(self):
+        if not isinstance(self.extract, ExtractConfig):
+            raise TypeError(f"VerifyConfig.extract must be an ExtractConfig, got {type(self.extract).__name__}")
+        if self.timeout_s is None or self.timeout_s < 0:
+            raise ValueError(f"VerifyConfig.timeout_s must be >= 0, got {self.timeout_s}")
+
+
+DEFAULT_CONFIG = VerifyConfig()
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of verifying one response.
+
+    reason is one of: "correct", "wrong", "no_answer" (nothing extracted), "no_gold" (gold empty/too long),
+    "unparsable" (answer outside the grammar), "gold_unparsable", "unjudgeable" (sympy raised while comparing), "too_big" (size bound hit), "timeout"
+    (in-process guard or pool kill), "worker_died" (pool only), "error:<ExceptionType>" (bug; scored 0).
+    """
+
+    correct: bool
+    answer: str | None
+    """The extracted final-answer span (raw), or None."""
+    canonical: str | None
+    """canonical_answer() of the response (None when not requested or no answer)."""
+    reason: str
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(text: str):
+    # Parsed values are immutable (sympy objects, frozen dataclasses); golds repeat across a group.
+    return parse_math(text)
+
+
+def _parse(norm: NormalizedAnswer):
+    return _parse_cached(norm.text)
+
+
+def extract_answer(response: str, config: VerifyConfig | None = None) -> str | None:
+    """The final answer span that :func:`verify` would judge, or None. Never raises."""
+    try:
+        return extract_span(response, (config or DEFAULT_CONFIG).extract)
+    except Exception:  # pragma: no cover - extract_span only does bounded string work
+        return None
+
+
+def judge(response: str, gold: str, config: VerifyConfig | None = None, with_canonical: bool = False) -> VerifyResult:
+    """Verify one response against one gold answer and say why. Never raises (for str inputs or otherwise)."""
+    config = config or DEFAULT_CONFIG
+    answer = None
+    try:
+        with time_guard(config.timeout_s):
+            answer = extract_span(response, config.extract) if isinstance(response, str) else None
+            correct, reason = _judge_span(answer, gold)
+            canonical = _canonical_span(answer) if (with_canonical and answer is not None) else None
+        return VerifyResult(correct, answer, canonical, reason)
+    except Deadline:
+        return VerifyResult(False, answer, None, "timeout")
+    except (TooBig, RecursionError, MemoryError):
+        return VerifyResult(False, answer, None, "too_big")
+    except Exception as exc:  # the contract is "never raises": a bug scores 0 and says so
+        return VerifyResult(False, answer, None, f"error:{type(exc).__name__}")
+
+
+def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
+    if answer is None:
+        return False, "no_answer"
+    gspan = gold_span(gold) if isinstance(gold, str) else None
+    if gspan is None:
+        return False, "no_gold"
+    na, ng = normalize_span(answer), normalize_span(gspan)
+    if not na.text:
+        return False, "no_answer"
+    if not ng.text:
+        return False, "no_gold"
+    if na.text.replace(" ", "") == ng.text.replace(" ", "") and na.percent == ng.percent:
+        return True, "correct"
+    if _is_word_answer(na.text) and _is_word_answer(ng.text):
+        # Word answers ("yes", "Monday", "odd") compare as case-insensitive text, not as symbol products.
+        ok = " ".join(na.text.lower().split()) == " ".join(ng.text.lower().split())
+        return ok, ("correct" if ok else "wrong")
+    gold_letter = _GOLD_CHOICE.fullmatch(ng.text)
+    if gold_letter:
+        ok = choice_letter(na.text) == gold_letter.group(1)
+        return ok, ("correct" if ok else "wrong")
+    try:
+        parsed_gold = _parse(ng)
+    except (ParseError, TooBig, RecursionError):
+        return False, "gold_unparsable"
+    try:
+        parsed_answer = _parse(na)
+    except TooBig:
+        return False, "too_big"
+    except (ParseError, RecursionError):
+        return False, "unparsable"
+    try:
+        ok = structures_equal(parsed_answer, parsed_gold, na, ng)
+    except (ValueError, TypeError, ArithmeticError, AttributeError, NotImplementedError):
+        # sympy itself gave up on the comparison (e.g. complex AccumulationBounds): cannot judge.
+        return False, "unjudgeable"
+    return ok, ("correct" if ok else "wrong")
+
+
+def verify(response: str, gold: str, config: VerifyConfig | None = None) -> bool:
+    """True iff the final answer of ``response`` equals ``gold`` (see equivalence.py for the rules)."""
+    return judge(response, gold, config).correct
+
+
+# ---- canonical form -------------------------------------------------------------------------------------
+def canonical_answer(response: str, config: VerifyConfig | None = None) -> str | None:
+    """A normalized string of the final answer, so that equal answers cluster ("\\frac{1}{2}", "0.5", "1/2"
+    -> "1/2"); None when there is no answer. Falls back to the normalized text when the answer does not
+    parse. Never raises."""
+    config = config or DEFAULT_CONFIG
+    try:
+        with time_guard(config.timeout_s):
+            span = extract_span(response, config.extract) if isinstance(response, str) else None
+            return None if span is None else _canonical_span(span)
+    except Deadline:
+        return None
+    except Exception:
+        return None
+
+
+def _canonical_span(span: str) -> str | None:
+    norm = normalize_span(span)
+    if not norm.text:
+        return None
+    letter = _GOLD_CHOICE.fullmatch(norm.text)
+    if letter:
+        return letter.group(1)
+    try:
+        return _canon(_parse(norm))
+    except (Deadline, KeyboardInterrupt):
+        raise
+    except Exception:
+        return norm.text.replace(" ", "")
+
+
+def _canon(x) -> str:
+    if isinstance(x, sympy.Basic):
+        if PM in x.free_symbols:
+            return _canon(SetOf((x.subs(PM, 1), x.subs(PM, -1))))
+        # Expand small polynomials only: (x+1)^1000 would cost seconds and gigantic strings.
+        small_powers = all(not (p.exp.is_Number and abs(p.exp) > 12) for p in x.atoms(sympy.Pow))
+        if x.free_symbols and small_powers and sympy.count_ops(x) <= 40:
+            x = sympy.expand(x)
+        return sympy.sstr(x, order="lex")
+    intervals = as_intervals(x) if isinstance(x, (Relation, UnionOf)) else None
+    if intervals is not None:  # x>2, (2,oo) and 2<x cluster together
+        return "U".join(
+            sorted(
+                ("(" if lo_open else "[") + _canon(lo) + "," + _canon(hi) + (")" if hi_open else "]")
+                for lo, hi, lo_open, hi_open in intervals
+            )
+        )
+    if isinstance(x, Relation):
+        if all(op == "=" for op in x.ops) and len(x.terms) >= 2:
+            first, last = x.terms[0], x.terms[-1]
+            if isinstance(first, sympy.Symbol) or (
+                isinstance(first, sympy.Mul) and all(isinstance(f, sympy.Symbol) for f in first.args)
+            ):
+                return _canon(last)
+        parts = [_canon(x.terms[0])]
+        for op, t in zip(x.ops, x.terms[1:]):
+            parts += [op, _canon(t)]
+        return "".join(parts)
+    if isinstance(x, (SetOf, AnswerList)):
+        return "{" + ",".join(sorted(set(_canon(i) for i in x.items))) + "}"
+    if isinstance(x, Bracketed):
+        left = "(" if len(x.items) == 2 and x.items[0] == -sympy.oo else x.left
+        right = ")" if len(x.items) == 2 and x.items[-1] == sympy.oo else x.right
+        return left + ",".join(_canon(i) for i in x.items) + right
+    if isinstance(x, UnionOf):
+        return "U".join(sorted(_canon(i) for i in x.items))
+    if isinstance(x, MatrixOf):
+        if len(x.rows) == 1 or len(x.rows[0]) == 1:  # vectors cluster with tuples
+            return "(" + ",".join(_canon(v) for row in x.rows for v in row) + ")"
+        return "[" + ";".join(",".join(_canon(v) for v in row) for row in x.rows) + "]"
+    raise ParseError(f"no canonical form for {type(x).__name__}")

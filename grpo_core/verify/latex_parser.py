@@ -1,0 +1,553 @@
+"""A small tokenizer + recursive-descent parser from LaTeX / plain-text math to sympy objects.
+
+Nothing here evaluates model text as code: tokens are mapped to sympy constructors from an explicit
+whitelist (``_FUNCS``, ``_CONSTANTS``); no ``eval``/``sympify``/``parse_expr``/``parse_latex``. Work is
+bounded: input length is capped by the caller, nesting by MAX_DEPTH, and numeric powers/factorials whose
+result would exceed MAX_RESULT_DIGITS raise :class:`TooBig` before sympy computes them.
+
+Grammar (lowest precedence first)::
+
+    top      := union (',' union)*                       -> AnswerList if more than one
+    union    := relation ('\\cup' relation)*             -> UnionOf if more than one
+    relation := expr (relop expr)*                       -> Relation if any relop (=, <, \\le, \\in ...)
+    expr     := term (('+' | '-' | '\\pm' | '\\mp') term)*
+    term     := unary (('*' | '\\cdot' | '\\times' | '/' | '\\div' | <implicit>) unary)*
+    unary    := ('-' | '+' | '\\pm') unary | power
+    power    := postfix ('^' unary)?                     (right associative: 9^9^9 = 9^(9^9))
+    postfix  := atom ('!')*
+    atom     := number | letter | \\command | '(' top ')' | '[' top ']' | '{' top '}' | '\\{' top '\\}'
+              | '|' expr '|' | \\frac A B | \\sqrt[n]{A} | func arg | \\begin{pmatrix} ... \\end{pmatrix}
+
+``a \\pm b`` is built as ``a + PM*b`` with the private symbol :data:`PM`; the comparator expands it into
+the set {a+b, a-b}. Brackets give :class:`Bracketed` (tuples, intervals), ``\\{..\\}`` gives
+:class:`SetOf`, environments give :class:`MatrixOf`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import sympy
+
+from grpo_core.verify.limits import MAX_DEPTH, MAX_FACTORIAL_ARG, MAX_RESULT_DIGITS, ParseError, TooBig
+from grpo_core.verify.values import (
+    PM,
+    AnswerList,
+    Bracketed,
+    MatrixOf,
+    Relation,
+    SetOf,
+    UnionOf,
+    check_tower,
+    safe_mul,
+    safe_pow,
+)
+
+__all__ = ["PM", "AnswerList", "Bracketed", "MatrixOf", "Relation", "SetOf", "UnionOf", "parse_math", "tokenize"]
+
+_FUNCS = {
+    "sin": sympy.sin,
+    "cos": sympy.cos,
+    "tan": sympy.tan,
+    "cot": sympy.cot,
+    "sec": sympy.sec,
+    "csc": sympy.csc,
+    "arcsin": sympy.asin,
+    "arccos": sympy.acos,
+    "arctan": sympy.atan,
+    "sinh": sympy.sinh,
+    "cosh": sympy.cosh,
+    "tanh": sympy.tanh,
+    "exp": sympy.exp,
+    "ln": sympy.log,
+    "log": sympy.log,
+    "sqrt": sympy.sqrt,
+    "abs": sympy.Abs,
+}
+_CONSTANTS = {"pi": sympy.pi, "infty": sympy.oo, "infin": sympy.oo, "infinity": sympy.oo, "inf": sympy.oo}
+_GREEK = {
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "varepsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "vartheta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "rho",
+    "sigma",
+    "tau",
+    "upsilon",
+    "phi",
+    "varphi",
+    "chi",
+    "psi",
+    "omega",
+    "Gamma",
+    "Delta",
+    "Theta",
+    "Lambda",
+    "Xi",
+    "Sigma",
+    "Phi",
+    "Psi",
+    "Omega",
+}
+_RELOPS = {
+    "=": "=",
+    "<": "<",
+    ">": ">",
+    r"\lt": "<",
+    r"\gt": ">",
+    r"\le": "<=",
+    r"\leq": "<=",
+    r"\leqslant": "<=",
+    r"\ge": ">=",
+    r"\geq": ">=",
+    r"\geqslant": ">=",
+    r"\ne": "!=",
+    r"\neq": "!=",
+    "<=": "<=",
+    ">=": ">=",
+    "!=": "!=",
+    r"\in": "in",
+    r"\approx": "=",
+    r"\equiv": "=",
+}
+_MATRIX_ENVS = {"pmatrix", "bmatrix", "matrix", "smallmatrix", "Bmatrix", "array", "vmatrix"}
+_PLAIN_WORDS = sorted(
+    [w for w in list(_FUNCS) + list(_CONSTANTS) if len(w) > 1] + ["arcsin", "arccos", "arctan"],
+    key=len,
+    reverse=True,
+)
+_TOKEN_RE = re.compile(
+    r"(?P<num>\d+(?:\.\d*)?(?:[eE][-+]?\d{1,5}(?![A-Za-z]))?|\.\d+)"
+    r"|(?P<cmd>\\[A-Za-z]+|\\.)"
+    r"|(?P<op><=|>=|!=|\*\*|\S)"
+)
+
+
+def tokenize(text: str) -> list[str]:
+    """Split ``text`` into tokens: numbers, ``\\commands``, plain function words, single characters."""
+    tokens: list[str] = []
+    pos, n = 0, len(text)
+    while pos < n:
+        if text[pos].isspace():
+            pos += 1
+            continue
+        if text[pos].isalpha():
+            # Plain-text function/constant words ("sqrt", "pi", "sin"); other letters are single symbols.
+            for word in _PLAIN_WORDS:
+                if text.startswith(word, pos) and not text[pos + len(word) : pos + len(word) + 1].isalpha():
+                    tokens.append("\\" + word)
+                    pos += len(word)
+                    break
+            else:
+                tokens.append(text[pos])
+                pos += 1
+            continue
+        m = _TOKEN_RE.match(text, pos)
+        if m is None:  # pragma: no cover - \S always matches
+            raise ParseError(f"cannot tokenize at {pos}")
+        tok = m.group(0)
+        tokens.append("^" if tok == "**" else tok)
+        pos = m.end()
+    return tokens
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.toks = tokenize(text)
+        self.i = 0
+        self.depth = 0
+
+    # ---- token helpers -------------------------------------------------------------------------
+    def peek(self, k: int = 0) -> str | None:
+        j = self.i + k
+        return self.toks[j] if j < len(self.toks) else None
+
+    def take(self) -> str:
+        tok = self.peek()
+        if tok is None:
+            raise ParseError("unexpected end of answer")
+        self.i += 1
+        return tok
+
+    def expect(self, tok: str) -> None:
+        got = self.take()
+        if got != tok:
+            raise ParseError(f"expected {tok!r}, got {got!r}")
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise TooBig("nesting too deep")
+
+    # ---- grammar -------------------------------------------------------------------------------
+    def parse(self):
+        if not self.toks:
+            raise ParseError("empty answer")
+        out = self.top(closers=())
+        if self.peek() is not None:
+            raise ParseError(f"unexpected {self.peek()!r}")
+        return out
+
+    def top(self, closers):
+        items = [self.union()]
+        while self.peek() in (",", ";"):
+            self.take()
+            if self.peek() is None or self.peek() in closers:
+                break
+            items.append(self.union())
+        return items[0] if len(items) == 1 else AnswerList(tuple(items))
+
+    def union(self):
+        parts = [self.relation()]
+        while self.peek() == r"\cup":
+            self.take()
+            parts.append(self.relation())
+        return parts[0] if len(parts) == 1 else UnionOf(tuple(parts))
+
+    def relation(self):
+        terms, ops = [self.expr()], []
+        while self.peek() in _RELOPS:
+            ops.append(_RELOPS[self.take()])
+            terms.append(self.expr() if ops[-1] != "in" else self.union())
+        return terms[0] if not ops else Relation(tuple(terms), tuple(ops))
+
+    def expr(self):
+        left = self.term()
+        while self.peek() in ("+", "-", r"\pm", r"\mp"):
+            op = self.take()
+            right = self.term()
+            _need_scalar(left, right)
+            if op == "+":
+                left = sympy.Add(left, right)
+            elif op == "-":
+                left = sympy.Add(left, -right)
+            else:
+                left = sympy.Add(left, (PM if op == r"\pm" else -PM) * right)
+        return left
+
+    def _starts_atom(self, tok) -> bool:
+        if tok is None:
+            return False
+        if tok[0].isdigit() or tok[0] == "." or tok.isalpha() or tok in ("(", "{", r"\{"):
+            return True
+        if tok.startswith("\\") and len(tok) > 2:
+            name = tok[1:]
+            return (
+                name in _FUNCS
+                or name in _CONSTANTS
+                or name in _GREEK
+                or name in ("frac", "sqrt", "binom", "begin", "lfloor", "lceil", "log", "emptyset", "varnothing")
+            )
+        return False
+
+    def term(self):
+        head = self.peek(1) if self.peek() == "-" else self.peek()
+        int_literal = head is not None and head.isdigit()
+        left = self.unary()
+        first = True
+        while True:
+            tok = self.peek()
+            if tok in ("*", r"\cdot", r"\times", "/", r"\div"):
+                self.take()
+                right = self.unary()
+                _need_scalar(left, right)
+                if tok in ("/", r"\div"):
+                    if right == 0:
+                        raise ParseError("division by zero")
+                    left = safe_mul(left, sympy.Pow(right, -1))
+                else:
+                    left = safe_mul(left, right)
+            elif self._starts_atom(tok):
+                mixed = first and int_literal and tok == r"\frac"
+                right = self.power()
+                _need_scalar(left, right)
+                if mixed and right.is_Rational and 0 < right < 1 and left.is_Integer:
+                    # 2\frac{1}{3} is the mixed number 7/3 and -2\frac{1}{3} is -7/3
+                    left = left + right if left >= 0 else left - right
+                else:
+                    left = safe_mul(left, right)
+            else:
+                return left
+            first = False
+
+    def unary(self):
+        tok = self.peek()
+        if tok == "-":
+            self.take()
+            v = self.unary()
+            _need_scalar(v)
+            return -v
+        if tok == "+":
+            self.take()
+            return self.unary()
+        if tok in (r"\pm", r"\mp"):
+            self.take()
+            v = self.unary()
+            _need_scalar(v)
+            return (PM if tok == r"\pm" else -PM) * v
+        return self.power()
+
+    def power(self):
+        base = self.postfix()
+        if self.peek() == "^":
+            self.take()
+            self.enter()
+            exp = self.group() if self.peek() == "{" else self.unary()
+            self.depth -= 1
+            _need_scalar(base, exp)
+            return safe_pow(base, exp)
+        return base
+
+    def postfix(self):
+        value = self.atom()
+        while self.peek() == "!":
+            self.take()
+            _need_scalar(value)
+            if value.is_Integer:
+                if value < 0 or value > MAX_FACTORIAL_ARG:
+                    raise TooBig("factorial argument out of range")
+                value = sympy.factorial(value)
+            elif value.is_Number:
+                raise ParseError("factorial of a non-integer")
+            else:
+                value = sympy.factorial(value)
+        return value
+
+    def group(self):
+        """'{' top '}'"""
+        self.expect("{")
+        self.enter()
+        inner = self.top(closers=("}",))
+        self.expect("}")
+        self.depth -= 1
+        return inner
+
+    def arg(self):
+        """A LaTeX macro argument: a {group}, or a single token (only the first digit of a number)."""
+        tok = self.peek()
+        if tok == "{":
+            return self.group()
+        if tok is not None and tok[0].isdigit() and len(tok) > 1:
+            self.toks[self.i] = tok[1:]
+            return sympy.Integer(int(tok[0]))
+        return self.atom()
+
+    def atom(self):
+        tok = self.take()
+        if tok[0].isdigit() or tok[0] == ".":
+            return _number(tok)
+        if tok.isalpha():
+            return self._symbol(tok)
+        if tok == "{":
+            self.i -= 1
+            return self.group()
+        if tok in ("(", "["):
+            self.enter()
+            inner = self.top(closers=(")", "]"))
+            close = self.take()
+            if close not in (")", "]"):
+                raise ParseError("unbalanced bracket")
+            self.depth -= 1
+            items = inner.items if isinstance(inner, AnswerList) else (inner,)
+            if len(items) == 1 and (tok, close) in (("(", ")"), ("[", "]")):
+                return inner
+            return Bracketed(tuple(items), tok, close)
+        if tok == r"\{":
+            self.enter()
+            if self.peek() == r"\}":
+                self.take()
+                self.depth -= 1
+                return SetOf(())
+            inner = self.top(closers=(r"\}",))
+            self.expect(r"\}")
+            self.depth -= 1
+            return SetOf(inner.items if isinstance(inner, AnswerList) else (inner,))
+        if tok == "|":
+            self.enter()
+            inner = self.expr()
+            self.expect("|")
+            self.depth -= 1
+            return sympy.Abs(inner)
+        if tok in (r"\lfloor", r"\lceil"):
+            self.enter()
+            inner = self.expr()
+            self.expect(r"\rfloor" if tok == r"\lfloor" else r"\rceil")
+            self.depth -= 1
+            return sympy.floor(inner) if tok == r"\lfloor" else sympy.ceiling(inner)
+        if tok.startswith("\\"):
+            return self._command(tok[1:])
+        raise ParseError(f"unexpected {tok!r}")
+
+    def _symbol(self, name: str):
+        if name == "e":
+            return sympy.E
+        if name == "i" and self.peek() != "_":
+            return sympy.I
+        if self.peek() == "_":  # subscripted symbol: x_1, a_{n}
+            self.take()
+            sub = self.take()
+            if sub == "{":
+                parts = []
+                while self.peek() not in ("}", None):
+                    parts.append(self.take())
+                self.expect("}")
+                sub = "".join(parts)
+            if not re.fullmatch(r"[A-Za-z0-9]{1,8}", sub):
+                raise ParseError("unsupported subscript")
+            name = f"{name}_{sub}"
+        return sympy.Symbol(name)
+
+    def _command(self, name: str):
+        if name == "frac":
+            self.enter()
+            num, den = self.arg(), self.arg()
+            self.depth -= 1
+            _need_scalar(num, den)
+            if den == 0:
+                raise ParseError("division by zero")
+            return safe_mul(num, sympy.Pow(den, -1))
+        if name == "sqrt":
+            index = None
+            if self.peek() == "[":
+                self.take()
+                index = self.expr()
+                self.expect("]")
+            self.enter()
+            radicand = self.arg()
+            self.depth -= 1
+            _need_scalar(radicand)
+            if index is None:
+                return sympy.sqrt(radicand)
+            _need_scalar(index)
+            if index == 0:
+                raise ParseError("zeroth root")
+            return safe_pow(radicand, sympy.Pow(index, -1))
+        if name == "binom":
+            n, k = self.arg(), self.arg()
+            _need_scalar(n, k)
+            if n.is_Integer and k.is_Integer and 0 <= k <= n:
+                log10 = (math.lgamma(int(n) + 1) - math.lgamma(int(k) + 1) - math.lgamma(int(n - k) + 1)) / math.log(10)
+                if abs(int(n)) > 10 * MAX_RESULT_DIGITS or log10 > MAX_RESULT_DIGITS:
+                    raise TooBig("binomial too large")
+            elif n.is_Number and abs(n) > 10 * MAX_RESULT_DIGITS:
+                raise TooBig("binomial too large")
+            return sympy.binomial(n, k)
+        if name in _CONSTANTS:
+            return _CONSTANTS[name]
+        if name in ("emptyset", "varnothing"):
+            return SetOf(())
+        if name in _GREEK:
+            return sympy.Symbol(name.replace("var", ""))
+        if name == "log" and self.peek() == "_":
+            self.take()
+            self.enter()
+            base = self.arg()
+            self.depth -= 1
+            arg = self._func_arg()
+            _need_scalar(base, arg)
+            return sympy.log(arg, base)
+        if name in _FUNCS:
+            power = None
+            if self.peek() == "^":  # \sin^2 x
+                self.take()
+                power = self.arg()
+            arg = self._func_arg()
+            _need_scalar(arg)
+            value = check_tower(_FUNCS[name](arg))
+            return safe_pow(value, power) if power is not None else value
+        if name == "begin":
+            return self._environment()
+        raise ParseError(f"unsupported command \\{name}")
+
+    def _func_arg(self):
+        self.enter()
+        if self.peek() in ("(", "{"):
+            value = self.atom()
+        else:  # \sin 2x: the argument is the following implicit product
+            value = self.power()
+            while (
+                self._starts_atom(self.peek())
+                and self.peek() not in ("(",)
+                and not (self.peek().startswith("\\") and self.peek()[1:] in _FUNCS)
+            ):
+                value = safe_mul(value, self.power())
+        self.depth -= 1
+        return value
+
+    def _environment(self):
+        self.expect("{")
+        env = "".join(iter(lambda: self.take() if self.peek() != "}" else None, None))
+        self.expect("}")
+        if env not in _MATRIX_ENVS:
+            raise ParseError(f"unsupported environment {env}")
+        if env == "array" and self.peek() == "{":  # column spec
+            while self.take() != "}":
+                pass
+        self.enter()
+        rows, row = [], []
+        while True:
+            if self.peek() == r"\end":
+                break
+            row.append(self.expr())
+            tok = self.take()
+            if tok == "&":
+                continue
+            if tok == r"\\":
+                rows.append(tuple(row))
+                row = []
+                continue
+            if tok == r"\end":
+                self.i -= 1
+                break
+            raise ParseError(f"unexpected {tok!r} in matrix")
+        if row:
+            rows.append(tuple(row))
+        self.take()
+        self.expect("{")
+        while self.take() != "}":
+            pass
+        self.depth -= 1
+        if not rows or len({len(r) for r in rows}) != 1:
+            raise ParseError("ragged or empty matrix")
+        return MatrixOf(tuple(rows))
+
+
+def _number(tok: str):
+    if len(tok) > 400:
+        raise TooBig("number literal too long")
+    mantissa, _, exponent = tok.replace("E", "e").partition("e")
+    # Exact decimal from integers (no string parsing by sympy): "12.50" -> 1250 / 100.
+    whole, _, frac = mantissa.partition(".")
+    value = sympy.Rational(int((whole or "0") + frac), 10 ** len(frac))
+    if exponent:
+        if abs(int(exponent)) > MAX_RESULT_DIGITS:
+            raise TooBig("scientific exponent too large")
+        value = value * sympy.Integer(10) ** int(exponent)
+    return value
+
+
+def _need_scalar(*values) -> None:
+    for v in values:
+        if not isinstance(v, sympy.Basic):
+            raise ParseError("arithmetic on a non-scalar (tuple, set, relation)")
+
+
+def parse_math(text: str):
+    """Parse normalized answer text into a sympy expression or one of the container types above.
+
+    Raises ParseError / TooBig on anything outside the grammar or the size bounds.
+    """
+    return _Parser(text).parse()

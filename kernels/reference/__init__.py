@@ -1,0 +1,1 @@
+"""Plain-PyTorch references of every kernel, used by tests and benchmarks alike."""
