@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         # vLLM's weight-loading and sleep-mode API used by grpo_core/rollout/vllm_engine.py.
-        "gpu": ["vllm>=0.8.5,<0.12", "flash-attn>=2.6"],
+        "gpu": ["vllm>=0.10.2,<0.12", "flash-attn>=2.6"],
         "dev": ["pytest>=8", "transformers>=4.51", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["grpo=grpo_core.cli:main"]},

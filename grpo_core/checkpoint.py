@@ -115,7 +115,7 @@ def _retain(root: Path, keep_last: int) -> None:
 
 
 def find_checkpoint(output_dir: str | Path, resume: str) -> Optional[Path]:
-    """`auto`: the newest complete checkpoint in output_dir (via `latest`, else by scanning); `none`: None;
+    """`auto`: the newest complete checkpoint in output_dir; `none`: None;
     else a path that must be a complete checkpoint."""
     if resume in (None, "", "none"):
         return None
@@ -124,13 +124,9 @@ def find_checkpoint(output_dir: str | Path, resume: str) -> Optional[Path]:
         if not (p / COMPLETE).exists():
             raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} file)")
         return p
-    root = checkpoint_root(output_dir)
-    latest = root / "latest"
-    if latest.exists():
-        p = root / latest.read_text(encoding="utf-8").strip()
-        if (p / COMPLETE).exists():
-            return p
-    done = sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists())
+    # The newest directory with a COMPLETE marker wins; `latest` is a pointer for people and tools, and may
+    # lag by one checkpoint if a crash hit between the rename and its update.
+    done = sorted(p for p in checkpoint_root(output_dir).glob("step_*") if (p / COMPLETE).exists())
     return done[-1] if done else None
 
 

@@ -29,6 +29,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-template", default=None,
+                   help="format string with {prompt} (default: the run's template for a trainer checkpoint, "
+                        "else the chat template)")
     p.add_argument("--out", default=None, help="output directory for eval.json and eval.md")
 
 

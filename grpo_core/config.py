@@ -296,6 +296,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         value = value.raw if tp is str else value.parsed
     origin = typing.get_origin(tp)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} & set(typing.get_args(tp)):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
         if value not in typing.get_args(tp):
             _fail(key, f"must be one of {list(typing.get_args(tp))}, got {value!r}")
         return value

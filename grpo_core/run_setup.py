@@ -5,7 +5,6 @@ with nothing downloaded.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -102,7 +101,7 @@ def _make_synthetic_data(cfg: Config, out: Path) -> tuple[list[str], list[str]]:
     return [str(out / "train.parquet")], files_eval
 
 
-def prepare_run(cfg: Config, dist_info: DistInfo) -> RunAssets:
+def prepare_run(cfg: Config, dist_info: DistInfo, resuming: bool = False) -> RunAssets:
     from grpo_core.data.dataset import PromptDataset
     from grpo_core.model import CausalLM
     from grpo_core.tokenizer import Tokenizer
@@ -133,7 +132,9 @@ def prepare_run(cfg: Config, dist_info: DistInfo) -> RunAssets:
     policy = CausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_backend=cfg.model.attn_backend)
     summary: dict = {}
     start_dir = model_dir
-    if cfg.warm_start.steps > 0:
+    if cfg.warm_start.steps > 0 and resuming and Path(out / "warm_start_model" / "config.json").exists():
+        start_dir = str(out / "warm_start_model")  # the checkpoint being resumed holds the trained weights
+    elif cfg.warm_start.steps > 0:
         from grpo_core.warm_start import supervised_warm_start
 
         # Every rank runs the same deterministic warm start on the same data, so weights agree without a
@@ -147,8 +148,3 @@ def prepare_run(cfg: Config, dist_info: DistInfo) -> RunAssets:
     return RunAssets(tokenizer=tokenizer, model_dir=start_dir, reference_dir=start_dir, train_set=train_set,
                      eval_set=eval_set, verifier=Scorer(cfg), policy=policy, warm_start_summary=summary)
 
-
-def timed(fn, *args, **kwargs):
-    t = time.time()
-    out = fn(*args, **kwargs)
-    return out, time.time() - t

@@ -17,7 +17,9 @@ not depend on the number of ranks or on micro-batching.
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -77,7 +79,11 @@ class Trainer:
         self.device = self.dist.device
         self.out = Path(cfg.trainer.output_dir)
         set_seed(cfg.trainer.seed)
-        self.run = prepare_run(cfg, self.dist)  # tokenizer, model dir, datasets, verifier, warm start
+        from grpo_core.checkpoint import find_checkpoint
+
+        self._resume_from = find_checkpoint(self.out, resume)
+        # tokenizer, model dir, datasets, verifier, warm start (skipped when resuming: the checkpoint has it)
+        self.run = prepare_run(cfg, self.dist, resuming=self._resume_from is not None)
         self.tokenizer = self.run.tokenizer
         self.step = 0
         self.opt_steps = 0
@@ -88,7 +94,11 @@ class Trainer:
         self.sampler = PromptSampler(len(self.run.train_set), cfg.trainer.train_batch_prompts, seed=cfg.trainer.seed)
         self.dyn = DynamicSamplingBuffer(cfg.trainer.train_batch_prompts, cfg.algorithm.max_gen_batches)
         self.eval_before: Optional[float] = None
-        self._maybe_resume(resume, force)
+        self._maybe_resume(force)
+        # Test seam for the kill-and-resume tests: GRPO_FAULT_INJECT="kill_after_step=N" SIGKILLs this process
+        # right after step N is logged (and checkpointed, if due).
+        fault = os.environ.get("GRPO_FAULT_INJECT", "")
+        self._kill_after = int(fault.split("=", 1)[1]) if fault.startswith("kill_after_step=") else None
         from grpo_core.tracking import MetricsLogger
 
         self.log = MetricsLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
@@ -106,6 +116,16 @@ class Trainer:
         use_cuda = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if (cfg.deepspeed.bf16 == "on" or (cfg.deepspeed.bf16 == "auto" and use_cuda)) \
             else torch.float32
+        r = cfg.rollout
+        if r.engine == "vllm":
+            # Before the trainer takes GPU memory: vLLM sizes its KV cache from what is free now. It then
+            # sleeps (weights and KV cache released) until the first weight sync wakes it.
+            self.rollout_engine = build_engine(
+                "vllm", model_dir=self.run.model_dir, tokenizer=self.tokenizer, dtype=self.dtype,
+                gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
+                sleep_mode=r.sleep_mode, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                seed=cfg.trainer.seed)
+            self.rollout_engine.sleep()
         policy = self.run.policy  # plain module, warm-started when configured
         policy.set_activation_checkpointing(cfg.model.activation_checkpointing)
         self.module = PolicyForward(policy, cfg.model.kernel_backend)
@@ -120,11 +140,11 @@ class Trainer:
             ref_cfg = {k: v for k, v in ds_cfg.items() if k not in ("optimizer", "gradient_clipping")}
             self.ref_engine, *_ = deepspeed.initialize(model=ref, config=ref_cfg)
             self.ref_engine.eval()
-        # The rollout engine owns a plain (unpartitioned) inference copy, refreshed once per rollout phase.
-        infer = CausalLM.from_pretrained(self.run.model_dir, dtype=self.dtype, device=self.device)
-        self.rollout_engine = build_engine(cfg.rollout.engine, model=infer, tokenizer=self.tokenizer,
-                                           max_batch_size=cfg.rollout.max_batch_size, device=self.device) \
-            if cfg.rollout.engine == "torch" else build_engine("vllm", cfg=cfg, model_dir=self.run.model_dir)
+        if r.engine == "torch":
+            # The torch engine owns a plain (unpartitioned) inference copy, refreshed once per rollout phase.
+            infer = CausalLM.from_pretrained(self.run.model_dir, dtype=self.dtype, device=self.device)
+            self.rollout_engine = build_engine("torch", model=infer, tokenizer=self.tokenizer,
+                                               max_batch_size=r.max_batch_size, device=self.device)
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         """The full policy weights under HF names (collective under ZeRO-3: every rank must call it)."""
@@ -136,9 +156,11 @@ class Trainer:
                     if k.startswith("policy.")}
 
     def sync_rollout_weights(self) -> float:
-        t = time.time()
-        self.rollout_engine.sync_weights(self.gathered_state_dict().items())
-        return time.time() - t
+        """Stream the policy into the rollout engine bucket by bucket (one ZeRO-3 submodule gathered at a time;
+        collective: every rank). Wakes a sleeping vLLM engine. Returns seconds."""
+        from grpo_core.weight_sync import sync_engine_weights
+
+        return sync_engine_weights(self.rollout_engine, self.module, prefix_to_strip="policy.").seconds
 
     # ------------------------------------------------------------------------------------------ rollout
     def rollout(self, step: int) -> tuple[list[Group], dict]:
@@ -177,13 +199,14 @@ class Trainer:
                                 top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
                                 stop_strings=list(cfg.rollout.stop_strings),
                                 seed=_mix(cfg.trainer.seed, step, round_index))
+        # Called on every rank, even with no prompts: with vLLM tensor parallelism generate is collective.
         gens = self.rollout_engine.generate([s.prompt_ids for s in samples], params,
-                                            request_ids=[prompt_indices.index(i) for i in mine]) if mine else []
+                                            request_ids=[prompt_indices.index(i) for i in mine])
         texts = [g.text if g.text is not None else self.tokenizer.decode(g.token_ids) for g in gens]
         golds = [samples[g.prompt_index].answer for g in gens]
         results = self.run.verifier.score(texts, golds, [g.prompt_index for g in gens])
         local: list[Group] = []
-        for si, s in enumerate(samples):
+        for _si, s in enumerate(samples):
             local.append(Group(prompt_uid=s.uid, answer=s.answer))
         rewards = self.run.rewards(results, [len(g.token_ids) for g in gens], [g.finish_reason for g in gens])
         for g, text, res, r in zip(gens, texts, results, rewards):
@@ -274,7 +297,7 @@ class Trainer:
         t_old = time.time() - t0
         acc = MetricAccumulator()
         skipped = 0
-        for epoch in range(cfg.trainer.ppo_epochs):
+        for _epoch in range(cfg.trainer.ppo_epochs):
             for mi, mbs in enumerate(packed):
                 norm = LossNormalizer.from_step([mb.mask for mb in mbs], [mb.seq_ids for mb in mbs],
                                                 gen_max_len=cfg.rollout.max_new_tokens)
@@ -300,6 +323,9 @@ class Trainer:
                 else:  # a non-finite loss: drop this step's gradients, leave weights and optimizer untouched
                     skipped += 1
                     self.engine.zero_grad()
+        if not packed:  # dynamic sampling kept no group: nothing to train on this step
+            return {"lr": lr_at(cfg, max(self.opt_steps - 1, 0)), "train/skipped_steps": 0.0,
+                    "time/old_logprob_s": 0.0, "time/update_s": time.time() - t0}
         out = acc.compute()
         out = {_rename(k): v / (cfg.trainer.ppo_epochs * len(packed)) if k.startswith(("loss/", "actor/")) else v
                for k, v in out.items()}
@@ -399,7 +425,9 @@ class Trainer:
         from grpo_core.evaluate import evaluate_accuracy
 
         self.sync_rollout_weights()
-        return evaluate_accuracy(self.rollout_engine, self.run.eval_set, self.run.verifier, self.cfg, self.dist)
+        res = evaluate_accuracy(self.rollout_engine, self.run.eval_set, self.run.verifier, self.cfg, self.dist)
+        self.rollout_engine.sleep()  # vLLM: free its memory for training (no-op for the torch engine)
+        return res
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -412,6 +440,7 @@ class Trainer:
             step = self.step + 1
             t_sync = self.sync_rollout_weights()
             groups, metrics = self.rollout(step)                # rollout + verify + reward (+ dynamic sampling)
+            self.rollout_engine.sleep()                         # vLLM frees weights + KV cache for the update
             self.assign_advantages(groups)                      # advantage (+ EDAS)
             metrics.update(self.update(groups, step))           # loss + optimizer steps
             metrics.update({"time/weight_sync_s": t_sync, "time/elapsed_s": time.time() - self.t0})
@@ -424,6 +453,8 @@ class Trainer:
                 self.log.log(step, self.evaluate(), phase="eval")
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
                 self.save()
+            if self._kill_after == step:
+                os.kill(os.getpid(), signal.SIGKILL)
         return self.finish()
 
     def finish(self) -> dict:
@@ -453,6 +484,7 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"step": self.step, "opt_steps": self.opt_steps, "sampler": self.sampler.state_dict(),
                 "dynamic_sampling": self.dyn.state_dict(), "eval_accuracy_before_rl": self.eval_before,
+                "warm_start": self.run.warm_start_summary,
                 "world_size": self.dist.world_size, "config": self.cfg.to_dict()}
 
     def save(self) -> None:
@@ -469,10 +501,10 @@ class Trainer:
             self.run.policy.save_pretrained(directory, state_dict=sd)
             self.tokenizer.save_pretrained(directory)
 
-    def _maybe_resume(self, resume: str, force: bool) -> None:
-        from grpo_core.checkpoint import find_checkpoint, load_rng, load_trainer_state
+    def _maybe_resume(self, force: bool) -> None:
+        from grpo_core.checkpoint import load_rng, load_trainer_state
 
-        ckpt = find_checkpoint(self.out, resume)
+        ckpt = self._resume_from
         if ckpt is None:
             return
         state = load_trainer_state(ckpt)
@@ -487,7 +519,10 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.dyn.load_state_dict(state["dynamic_sampling"])
         self.eval_before = state.get("eval_accuracy_before_rl")
+        self.run.warm_start_summary = state.get("warm_start", {})
         load_rng(ckpt, self.dist.rank)
+        if self.dist.is_main:
+            print(f"resumed from {ckpt} at step {self.step}", flush=True)
 
 
 def _mix(*values: int) -> int:

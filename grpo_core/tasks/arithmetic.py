@@ -2,7 +2,7 @@
 
 Levels (data_source "arith_l<level>"):
   1: single-digit a+b                  "What is 3+5?"
-  2: two-digit a+b or a-b              "What is 23-45?"
+  2: two-digit a+b, worked digit by digit (ones first, with the carry)   "What is 27+45?"
   3: two-digit times one-digit         "What is 23*7?"
   4: three operands, mixed + - *       "What is 12+7*3?"   (usual precedence)
   5: three operands with parentheses   "What is (12+7)*3?"
@@ -41,9 +41,14 @@ def _level1(rng: random.Random) -> dict[str, str]:
 
 
 def _level2(rng: random.Random) -> dict[str, str]:
-    a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-")
-    value = _apply(a, op, b)
-    return _row(f"{a}{op}{b}", value, f"{a}{op}{b}={value}", 2)
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    ones = a % 10 + b % 10
+    carry = ones // 10
+    tens = a // 10 + b // 10 + carry
+    # "7+5=12, 2+4+1=7": every step is a one-digit fact a small model can learn; the answer is the tens
+    # sum followed by the last digit of the ones sum.
+    steps = f"{a % 10}+{b % 10}={ones}, {a // 10}+{b // 10}+{carry}={tens}"
+    return _row(f"{a}+{b}", a + b, steps, 2)
 
 
 def _level3(rng: random.Random) -> dict[str, str]:

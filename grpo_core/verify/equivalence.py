@@ -19,6 +19,8 @@ Rules (the documented contract of :func:`grpo_core.verify.verify`):
   an infinite interval end is always open;
 * sets ``\\{..\\}`` and bare lists ``a, b`` compare unordered; brackets ``(..)`` / ``[..]`` compare ordered
   with the same bracket shapes (a 1-row or 1-column matrix equals a tuple of its entries);
+* letters: ``e`` is Euler's number and ``i`` the imaginary unit (``x_i`` stays a symbol); a prose answer
+  ("yes", "Monday": a word of >= 3 letters, no function names) compares as case-insensitive text;
 * multiple choice: a gold that is a single letter A-J matches ``B``, ``(B)``, ``B)``, ``\\text{(B)}``,
   ``(B) 42``.
 """
