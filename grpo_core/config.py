@@ -207,7 +207,7 @@ class TrainerConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # global grad-norm clip (0 = off)
     eval_every: int = 0  # evaluate on data.eval_files every N steps (0 = only before and after)
-    eval_greedy: bool = True  # evaluation decodes greedily (else samples at rollout.temperature)
+    eval_greedy: bool = True  # the headline held-out accuracy is greedy (else sampled); both are logged
     eval_max_prompts: int = 200  # cap on evaluated prompts
 
     def validate(self, p: str) -> None:

@@ -21,13 +21,15 @@ def _greedy_params(cfg, n: int = 1, temperature: float = 0.0, seed: int = 0):
                           stop_strings=list(cfg.rollout.stop_strings), seed=seed)
 
 
-def evaluate_accuracy(engine, eval_set, scorer, cfg, dist_info) -> dict:
+def evaluate_accuracy(engine, eval_set, scorer, cfg, dist_info, greedy: bool | None = None) -> dict:
     """Held-out accuracy of the current policy: greedy (or sampled at the rollout temperature) decoding of
-    up to trainer.eval_max_prompts prompts, sharded over ranks, one response each."""
+    up to trainer.eval_max_prompts prompts, sharded over ranks, one response each. `greedy` None follows
+    trainer.eval_greedy."""
     n_prompts = min(len(eval_set), cfg.trainer.eval_max_prompts)
     indices = list(range(n_prompts))[dist_info.rank::dist_info.world_size]
     samples = eval_set.get_batch(indices)
-    temperature = 0.0 if cfg.trainer.eval_greedy else cfg.rollout.temperature
+    greedy = cfg.trainer.eval_greedy if greedy is None else greedy
+    temperature = 0.0 if greedy else cfg.rollout.temperature
     gens = engine.generate([s.prompt_ids for s in samples], _greedy_params(cfg, temperature=temperature,
                                                                          seed=cfg.trainer.seed))
     texts = [g.text or "" for g in gens]

@@ -422,10 +422,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def evaluate(self) -> dict:
+        """Held-out accuracy, greedy (`accuracy`, what the summary reports) and sampled at the rollout
+        temperature (`accuracy_sampled`)."""
         from grpo_core.evaluate import evaluate_accuracy
 
         self.sync_rollout_weights()
-        res = evaluate_accuracy(self.rollout_engine, self.run.eval_set, self.run.verifier, self.cfg, self.dist)
+        args = (self.rollout_engine, self.run.eval_set, self.run.verifier, self.cfg, self.dist)
+        res = evaluate_accuracy(*args)
+        sampled = evaluate_accuracy(*args, greedy=not self.cfg.trainer.eval_greedy)
+        res[f"accuracy_{'sampled' if self.cfg.trainer.eval_greedy else 'greedy'}"] = sampled["accuracy"]
         self.rollout_engine.sleep()  # vLLM: free its memory for training (no-op for the torch engine)
         return res
 
