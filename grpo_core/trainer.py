@@ -193,21 +193,19 @@ class Trainer:
 
         cfg = self.cfg
         rank, world = self.dist.rank, self.dist.world_size
-        mine = prompt_indices[rank::world]
-        samples = self.run.train_set.get_batch(mine)
+        positions = list(range(rank, len(prompt_indices), world))  # this rank's share of the round's prompts
+        samples = self.run.train_set.get_batch([prompt_indices[p] for p in positions])
         params = SamplingParams(n=cfg.rollout.group_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                 top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
                                 stop_strings=list(cfg.rollout.stop_strings),
                                 seed=_mix(cfg.trainer.seed, step, round_index))
         # Called on every rank, even with no prompts: with vLLM tensor parallelism generate is collective.
         gens = self.rollout_engine.generate([s.prompt_ids for s in samples], params,
-                                            request_ids=[prompt_indices.index(i) for i in mine])
+                                            request_ids=positions)
         texts = [g.text if g.text is not None else self.tokenizer.decode(g.token_ids) for g in gens]
         golds = [samples[g.prompt_index].answer for g in gens]
         results = self.run.verifier.score(texts, golds, [g.prompt_index for g in gens])
-        local: list[Group] = []
-        for _si, s in enumerate(samples):
-            local.append(Group(prompt_uid=s.uid, answer=s.answer))
+        local = [Group(prompt_uid=s.uid, answer=s.answer) for s in samples]
         rewards = self.run.rewards(results, [len(g.token_ids) for g in gens], [g.finish_reason for g in gens])
         for g, text, res, r in zip(gens, texts, results, rewards):
             sample = Sample(group_index=-1, sample_index=g.sample_index, prompt_ids=samples[g.prompt_index].prompt_ids,
@@ -217,10 +215,10 @@ class Trainer:
             if cfg.algorithm.hidden_align_coef > 0 and sample.correct:
                 sample.anchor = find_anchor(sample.response_ids, self.tokenizer, cfg.algorithm.hidden_align_marker)
             local[g.prompt_index].samples.append(sample)
-        # Every rank gets every group, in global prompt order.
-        gathered = gdist.all_gather_objects([(i, grp) for i, grp in zip(mine, local)])
-        by_index = {i: grp for part in gathered for i, grp in part}
-        return [by_index[i] for i in prompt_indices]
+        # Every rank gets every group, in the round's prompt order.
+        gathered = gdist.all_gather_objects(list(zip(positions, local)))
+        by_position = {p: grp for part in gathered for p, grp in part}
+        return [by_position[p] for p in range(len(prompt_indices))]
 
     def _rollout_metrics(self, all_groups: list[Group], kept: list[Group]) -> dict:
         samples = [s for g in all_groups for s in g.samples]

@@ -55,7 +55,8 @@ def supervised_warm_start(policy, tokenizer, train_set, cfg: Config, device: tor
         batch = [data[rng.randrange(len(data))] for _ in range(ws.batch_size)]
         input_ids, position_ids, cu, resp_pos, targets = _packed_batch(batch, device)
         hidden = policy(input_ids, position_ids=position_ids, cu_seqlens=cu)[0]
-        logprob, _ = policy.lm_head(hidden[resp_pos], targets=targets, temperature=1.0, with_entropy=False)
+        logprob, _ = policy.lm_head(hidden[resp_pos], targets=targets, temperature=1.0, with_entropy=False,
+                                    backend=cfg.model.kernel_backend)
         loss = -logprob.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
