@@ -28,33 +28,10 @@ from grpo_core.verify.values import (
 )
 from grpo_core.verify.latex_parser import parse_math
 from grpo_core.verify.limits import Deadline, ParseError, TooBig, time_guard
-from grpo_core.verify.normalize import NormalizedAnswer, normalize_span
+from grpo_core.verify.normalize import MATH_NAMES, NormalizedAnswer, normalize_span
 
 _GOLD_CHOICE = re.compile(r"\(?([A-J])\)?")
 _WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
-_MATH_NAMES = {
-    "sin",
-    "cos",
-    "tan",
-    "cot",
-    "sec",
-    "csc",
-    "log",
-    "ln",
-    "exp",
-    "sqrt",
-    "pi",
-    "inf",
-    "infty",
-    "infinity",
-    "arcsin",
-    "arccos",
-    "arctan",
-    "sinh",
-    "cosh",
-    "tanh",
-    "abs",
-}
 
 
 def _is_word_answer(text: str) -> bool:
@@ -63,7 +40,7 @@ def _is_word_answer(text: str) -> bool:
     if not _WORDS.fullmatch(text):
         return False
     words = text.lower().split()
-    return any(len(w) >= 3 for w in words) and not any(w in _MATH_NAMES for w in words)
+    return any(len(w) >= 3 for w in words) and not any(w in MATH_NAMES for w in words)
 
 
 @dataclass(frozen=True)

@@ -21,32 +21,12 @@ from dataclasses import dataclass
 
 from grpo_core.verify.extract import match_brace
 
-_MATH_WORDS = {
-    "sin",
-    "cos",
-    "tan",
-    "cot",
-    "sec",
-    "csc",
-    "arcsin",
-    "arccos",
-    "arctan",
-    "sinh",
-    "cosh",
-    "tanh",
-    "log",
-    "ln",
-    "exp",
-    "sqrt",
-    "pi",
-    "inf",
-    "infty",
-    "infinity",
-    "or",
-    "and",
-    "i",
-    "e",
-}
+# Function and constant names that make a word "math", not prose (shared with api.py).
+MATH_NAMES = frozenset({
+    "sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
+    "log", "ln", "exp", "sqrt", "abs", "pi", "inf", "infty", "infinity",
+})
+_MATH_WORDS = MATH_NAMES | {"or", "and", "i", "e"}
 _UNICODE = {
     "\u2212": "-",
     "\u2013": "-",
