@@ -71,6 +71,7 @@ class MicroBatch:
     num_sequences: int
     samples: list[Sample]
     is_padding: bool = False  # a dummy micro-batch that keeps ranks in lockstep under ZeRO-3
+    ref_logprob: Optional[torch.Tensor] = None  # [R] fp32 under the frozen reference (only when kl_coef > 0)
 
     def to(self, device: torch.device) -> "MicroBatch":
         for name, value in vars(self).items():
