@@ -2,7 +2,7 @@
 PY ?= python3
 export DS_BUILD_OPS ?= 0
 
-.PHONY: install test test-gpu demo bench lint
+.PHONY: install test test-gpu bench-gpu demo bench lint
 
 # torch: an existing install (e.g. a cluster's CUDA build) is kept; otherwise the CPU wheel 2.13.0.
 install:
@@ -15,6 +15,12 @@ test:
 
 test-gpu:
 	$(PY) -m pytest -q -m gpu tests
+
+# On a CUDA machine: the kernel benchmarks (JSON + PNG into benchmarks/results/, GPU and versions named).
+bench-gpu:
+	$(PY) -m kernels.compile_check --arch 90 80
+	$(PY) benchmarks/bench_logprob_entropy.py
+	$(PY) benchmarks/bench_policy_loss.py
 
 demo:
 	$(PY) -m grpo_core train configs/demo_cpu.yaml

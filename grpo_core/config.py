@@ -104,7 +104,8 @@ class RolloutConfig:
 class RewardConfig:
     correct: float = 1.0  # reward of a verified-correct response
     incorrect: float = 0.0  # reward otherwise (e.g. -1.0)
-    format_reward: float = 0.0  # added when the response has a parsable final answer (0 = off)
+    format_reward: float = 0.0  # added when the response states its answer as \boxed{} or "the answer is" (0 = off)
+    bare_answer_max_chars: int = 80  # a response this short with no boxed/phrase answer is itself the answer (0 = off)
     overlong_shaping: bool = False  # DAPO soft overlong punishment (spec 2)
     overlong_cache_len: int = 64  # L_cache in tokens; L_max is rollout.max_new_tokens
     verifier_workers: int = 0  # verifier worker processes (0 = in-process, size-bounded)
@@ -117,6 +118,8 @@ class RewardConfig:
             _fail(f"{p}.verifier_timeout_s", "must be > 0")
         if self.overlong_cache_len < 1:
             _fail(f"{p}.overlong_cache_len", "must be >= 1")
+        if not 0 <= self.bare_answer_max_chars <= 1000:
+            _fail(f"{p}.bare_answer_max_chars", "must be in [0, 1000] (the verifier's answer-length bound)")
 
 
 @dataclass

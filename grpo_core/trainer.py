@@ -206,7 +206,7 @@ class Trainer:
         golds = [samples[g.prompt_index].answer for g in gens]
         results = self.run.verifier.score(texts, golds, [g.prompt_index for g in gens])
         local = [Group(prompt_uid=s.uid, answer=s.answer) for s in samples]
-        rewards = self.run.rewards(results, [len(g.token_ids) for g in gens], [g.finish_reason for g in gens])
+        rewards = self.run.rewards(results, [len(g.token_ids) for g in gens], [g.finish_reason for g in gens], texts)
         for g, text, res, r in zip(gens, texts, results, rewards):
             sample = Sample(group_index=-1, sample_index=g.sample_index, prompt_ids=samples[g.prompt_index].prompt_ids,
                             response_ids=list(g.token_ids), rollout_logprobs=list(g.logprobs),

@@ -7,5 +7,7 @@ numbers and never materialize what the fused kernel avoids.
 from kernels.hidden_align import hidden_align_loss
 from kernels.logprob_entropy import fused_logprob_entropy
 from kernels.policy_loss import clipped_policy_loss, gspo_policy_loss
+from kernels.token_loss import fused_token_loss
 
-__all__ = ["fused_logprob_entropy", "clipped_policy_loss", "gspo_policy_loss", "hidden_align_loss"]
+__all__ = ["fused_logprob_entropy", "fused_token_loss", "clipped_policy_loss", "gspo_policy_loss",
+           "hidden_align_loss"]

@@ -28,6 +28,7 @@ import triton.language as tl
 
 _DEFAULT_EPS = 1e-8
 _BLOCK_R = 16  # rows of one group summed per step of the forward kernel
+_NUM_WARPS = 4
 
 
 def _interpreter_enabled() -> bool:
@@ -145,11 +146,11 @@ class _HiddenAlignTriton(torch.autograd.Function):
         block_d = _block_d(d)
         inv_norm = torch.empty(m, dtype=torch.float32, device=dev)
         usq = torch.empty(m, dtype=torch.float32, device=dev)
-        _hidden_align_norm_kernel[(m,)](hidden, inv_norm, usq, d, eps, BLOCK_D=block_d, num_warps=4)
+        _hidden_align_norm_kernel[(m,)](hidden, inv_norm, usq, d, eps, BLOCK_D=block_d, num_warps=_NUM_WARPS)
         sums = torch.empty(m, d, dtype=torch.float32, device=dev)
         sq = torch.empty(m, dtype=torch.float32, device=dev)
         _hidden_align_fwd_kernel[(m,)](hidden, perm, start, count, inv_norm, sums, sq, d,
-                                       BLOCK_R=_BLOCK_R, BLOCK_D=block_d, num_warps=4)
+                                       BLOCK_R=_BLOCK_R, BLOCK_D=block_d, num_warps=_NUM_WARPS)
         usq_sum = torch.zeros(m, dtype=torch.float32, device=dev).index_add_(0, slot_of_row, usq)
         loss, mean_cos, valid, pairs, inv_groups = _group_reduce(sq, usq_sum, count)
         # d loss / d cos_g = -inv_groups; d cos_g / d u_i = 2 v_i / pairs_g (folded into one per-row factor)
@@ -166,7 +167,7 @@ class _HiddenAlignTriton(torch.autograd.Function):
         clamped = (usq < 1.0).to(torch.int8)  # the norm kernel writes exactly 1 for unclamped rows
         coef = (coef * grad_loss.to(torch.float32)).contiguous()
         _hidden_align_bwd_kernel[(m,)](hidden, slot_of_row, inv_norm, clamped, coef, sums, dh, d,
-                                       BLOCK_D=_block_d(d), num_warps=4)
+                                       BLOCK_D=_block_d(d), num_warps=_NUM_WARPS)
         return dh, None, None
 
 
