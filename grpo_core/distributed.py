@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.utils.cpp_extension
 
 
 class LaunchError(RuntimeError):
@@ -58,6 +62,34 @@ def check_launch_env(env: dict | None = None) -> tuple[int, int, int]:
     return rank, world, local_rank
 
 
+# A torch-extension build (DeepSpeed's JIT ops, e.g. its CPU shm comm op) takes a few minutes at most.
+STALE_BUILD_LOCK_S = 20 * 60
+
+
+def check_extension_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> None:
+    """Fail fast on a build lock left by a killed torch-extension build.
+
+    torch.utils.cpp_extension builds each JIT op under a `lock` file and every later build waits, with no
+    timeout, for that file to go away; a process killed mid-build (Ctrl-C during DeepSpeed's first
+    start-up on a machine) leaves it behind and each later run hangs silently. A lock younger than
+    max_age_s may be a build in progress (another rank's): only a notice is printed.
+    """
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or torch.utils.cpp_extension.get_default_build_root())
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # the build finished meanwhile
+            continue
+        if age > max_age_s:
+            raise LaunchError(
+                f"stale torch-extension build lock {lock} ({age / 60:.0f} min old): a build of "
+                f"'{lock.parent.name}' was killed part-way and every later run would wait on this file forever; "
+                f"delete it (rm {lock}) and start again"
+            )
+        print(f"[grpo] note: {lock} exists ({age:.0f} s old): waiting for a build of '{lock.parent.name}' "
+              "in another process", file=sys.stderr)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise torch.distributed (and DeepSpeed's view of it) once; a lone process becomes a world of 1."""
     rank, world, local_rank = check_launch_env()
@@ -79,6 +111,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
                            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
     if not dist.is_initialized():
+        check_extension_build_locks()
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, verbose=False)

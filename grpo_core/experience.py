@@ -81,28 +81,39 @@ class MicroBatch:
 
 
 def plan_micro_batches(groups: list[Group], max_tokens: int) -> list[list[Sample]]:
-    """First-fit in order: whole groups while they fit the token budget; a group larger than the budget is
-    split by sample (its Hidden-Align pairs are then formed within each piece). A single sequence longer
-    than the budget gets a micro-batch of its own."""
+    """First-fit in order: whole groups while they fit the token budget. A group larger than the budget is
+    split by sample, its Hidden-Align samples (correct, with an anchor) first and, when they fit one
+    micro-batch together, in the same one: Hidden-Align pairs form only within a micro-batch (the spec's
+    "same forward, no extra pass"), so this keeps the group's pairs whole whenever possible. A single
+    sequence longer than the budget gets a micro-batch of its own."""
     plans: list[list[Sample]] = []
     current: list[Sample] = []
     used = 0
+
+    def flush():
+        nonlocal current, used
+        if current:
+            plans.append(current)
+        current, used = [], 0
+
     for group in groups:
         if group.num_tokens <= max_tokens:
-            if used + group.num_tokens > max_tokens and current:
-                plans.append(current)
-                current, used = [], 0
+            if used + group.num_tokens > max_tokens:
+                flush()
             current.extend(group.samples)
             used += group.num_tokens
             continue
-        for s in group.samples:
-            if used + s.length > max_tokens and current:
-                plans.append(current)
-                current, used = [], 0
+        anchored = [s for s in group.samples if s.correct and s.anchor is not None]
+        others = [s for s in group.samples if not (s.correct and s.anchor is not None)]
+        anchored_tokens = sum(s.length for s in anchored)
+        if len(anchored) >= 2 and used + anchored_tokens > max_tokens >= anchored_tokens:
+            flush()  # start the group in a fresh micro-batch so its anchored samples stay together
+        for s in anchored + others:
+            if used + s.length > max_tokens:
+                flush()
             current.append(s)
             used += s.length
-    if current:
-        plans.append(current)
+    flush()
     return plans
 
 

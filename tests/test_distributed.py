@@ -157,3 +157,23 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000003", "step_000004"]
     assert not list(root.glob(".tmp-*"))
     assert (root / "step_000004" / COMPLETE).exists()
+
+
+def test_stale_extension_build_lock_fails_fast(tmp_path, monkeypatch, capsys):
+    """A lock left by a killed DeepSpeed op build makes every later run hang: name it and the fix instead."""
+    import os
+    import time
+
+    from grpo_core.distributed import LaunchError, check_extension_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    check_extension_build_locks()  # no locks: nothing happens
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    check_extension_build_locks()  # fresh: maybe another rank building right now
+    assert "waiting for a build of 'deepspeed_shm_comm'" in capsys.readouterr().err
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with pytest.raises(LaunchError, match=r"stale torch-extension build lock .*deepspeed_shm_comm/lock .*rm "):
+        check_extension_build_locks()

@@ -150,3 +150,23 @@ def test_bad_loss_fn(loss_fn, error, match):
     hidden, weight, targets, _ = _inputs(5, 8, 20)
     with pytest.raises(error, match=match):
         fused_token_loss(hidden.float().requires_grad_(), weight.float(), targets, loss_fn, backend="torch")
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_qwen_vocab_matches_reference(dtype):
+    n, d, v = 512, 1024, 151936
+    hidden, weight, targets, consts = _inputs(n, d, v)
+    dev = torch.device("cuda")
+    hidden, weight, targets = hidden.to(dev), weight.to(dev) * 0.2, targets.to(dev)
+    consts = [c.to(dev) for c in consts]
+    got = _fused(hidden, weight, targets, 0.6, [c.float() for c in consts], dtype, 1.0, chunk_size=192)
+    ref = _reference(hidden, weight, targets, 0.6, consts, dtype, 1.0)
+    atol, rtol = (1e-3, 1e-3) if dtype == torch.float32 else (2e-2, 2e-2)
+    for name, a, b in zip(("loss", "logprob", "entropy", "grad_hidden", "grad_weight"), got, ref):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.double(), b, atol=atol * max(1.0, scale), rtol=rtol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
