@@ -143,8 +143,10 @@ class Trainer:
         if r.engine == "torch":
             # The torch engine owns a plain (unpartitioned) inference copy, refreshed once per rollout phase.
             infer = CausalLM.from_pretrained(self.run.model_dir, dtype=self.dtype, device=self.device)
+            # It frees the copy's weights while the trainer updates (sleep) and re-allocates them at each sync.
             self.rollout_engine = build_engine("torch", model=infer, tokenizer=self.tokenizer,
-                                               max_batch_size=r.max_batch_size, device=self.device)
+                                               max_batch_size=r.max_batch_size, device=self.device,
+                                               release_on_sleep=True)
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         """The full policy weights under HF names (collective under ZeRO-3: every rank must call it)."""
@@ -429,7 +431,7 @@ class Trainer:
         res = evaluate_accuracy(*args)
         sampled = evaluate_accuracy(*args, greedy=not self.cfg.trainer.eval_greedy)
         res[f"accuracy_{'sampled' if self.cfg.trainer.eval_greedy else 'greedy'}"] = sampled["accuracy"]
-        self.rollout_engine.sleep()  # vLLM: free its memory for training (no-op for the torch engine)
+        self.rollout_engine.sleep()  # free the engine's weights (and vLLM's KV cache) for training
         return res
 
     def fit(self) -> dict:
@@ -443,7 +445,7 @@ class Trainer:
             step = self.step + 1
             t_sync = self.sync_rollout_weights()
             groups, metrics = self.rollout(step)                # rollout + verify + reward (+ dynamic sampling)
-            self.rollout_engine.sleep()                         # vLLM frees weights + KV cache for the update
+            self.rollout_engine.sleep()                         # the engine frees its weights (+ KV cache) for the update
             self.assign_advantages(groups)                      # advantage (+ EDAS)
             metrics.update(self.update(groups, step))           # loss + optimizer steps
             metrics.update({"time/weight_sync_s": t_sync, "time/elapsed_s": time.time() - self.t0})

@@ -289,6 +289,35 @@ def test_load_weights_and_model_copy(prompts):
         engine.load_weights([(k, v) for k, v in named.items() if "layers.1." not in k])
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_sleep_frees_weights_and_sync_wakes(prompts, tie):
+    """sleep() drops every parameter's storage (like vLLM sleep level 2); the next full weight load
+    re-allocates them and generation is exactly as from a never-slept engine."""
+    trainer_model = _make_model(seed=2, tie=tie)
+    engine = TorchRolloutEngine.from_model_copy(_make_model(seed=1, tie=tie))
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, stop_token_ids=[], seed=4)
+    weights = [(n, t.clone()) for n, t in trainer_model.state_dict().items() if n != "lm_head.weight" or not tie]
+    engine.sleep()
+    engine.sleep()  # idempotent
+    assert sum(p.numel() for p in engine.model.parameters()) == 0
+    with pytest.raises(RuntimeError, match="sleeping"):
+        engine.generate(prompts, params)
+    with pytest.raises(RuntimeError, match="sync weights"):
+        engine.wake_up()
+    with pytest.raises(ValueError, match="not given"):  # a partial load leaves it unusable, not half-garbage
+        engine.sync_weights(weights[:3])
+    with pytest.raises(RuntimeError, match="sleeping"):
+        engine.generate(prompts, params)
+    engine.sleep()
+    engine.sync_weights(iter(weights))
+    engine.wake_up()  # awake: a no-op
+    expected = TorchRolloutEngine(trainer_model).generate(prompts, params)
+    assert [g.token_ids for g in engine.generate(prompts, params)] == [g.token_ids for g in expected]
+    assert [g.logprobs for g in engine.generate(prompts, params)] == [g.logprobs for g in expected]
+    if tie:
+        assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+
+
 def test_generate_restores_training_mode(model, prompts):
     model.train()
     try:

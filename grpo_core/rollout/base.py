@@ -123,7 +123,7 @@ def check_requests(prompts: list[list[int]], request_ids: list[int] | None) -> l
 def build_engine(kind: Literal["torch", "vllm"], **kwargs) -> RolloutEngine:
     """Build a rollout engine by name; kwargs go to the engine's constructor.
 
-    "torch": `TorchRolloutEngine(model, tokenizer=None, max_batch_size=64, device=None)`.
+    "torch": `TorchRolloutEngine(model, tokenizer=None, max_batch_size=64, device=None, release_on_sleep=False)`.
     "vllm": needs the `gpu` extra; fails loudly when vLLM or the vLLM engine module is missing.
     """
     if kind == "torch":

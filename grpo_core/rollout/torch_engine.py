@@ -38,6 +38,8 @@ class TorchRolloutEngine(RolloutEngine):
     tokenizer: needed for `text`, stop strings and the default eos stop token; optional otherwise.
     max_batch_size: rows decoded together (bounds KV-cache memory: rows x (prompt + new tokens)).
     device: where to run; default the model's device (the model is moved there).
+    release_on_sleep: let `sleep` free the model's weights until the next full `load_weights` (for a model
+        the engine owns, as the trainer's inference copy; default False, True in `from_model_copy`).
     check_every: decode steps between the host syncs that collect finished rows, refill their slots and
         check stop strings.
     """
@@ -49,6 +51,7 @@ class TorchRolloutEngine(RolloutEngine):
         max_batch_size: int = 64,
         device: torch.device | str | None = None,
         check_every: int = 8,
+        release_on_sleep: bool = False,
     ):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
@@ -63,10 +66,14 @@ class TorchRolloutEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.check_every = check_every
+        self.release_on_sleep = bool(release_on_sleep)
+        self._asleep = False
 
     @classmethod
     def from_model_copy(cls, model: nn.Module, **kwargs) -> "TorchRolloutEngine":
-        """An engine over a deep copy of a plain (not ZeRO-partitioned) model, so training never touches it."""
+        """An engine over a deep copy of a plain (not ZeRO-partitioned) model, so training never touches it.
+        The engine owns the copy, so by default its sleep() frees the copy's weights."""
+        kwargs.setdefault("release_on_sleep", True)
         return cls(copy.deepcopy(model), **kwargs)
 
     @property
@@ -87,8 +94,11 @@ class TorchRolloutEngine(RolloutEngine):
         Tensors are copied one at a time as the iterable yields them, so a trainer can stream ZeRO-3-gathered
         parameters without holding them all. Strict: every name must exist with the same shape, and every
         state-dict entry must be given once the iterable ends (of tied aliases such as `lm_head.weight` /
-        `model.embed_tokens.weight`, one is enough). Dtype and device are converted.
+        `model.embed_tokens.weight`, one is enough). Dtype and device are converted. Wakes a sleeping engine
+        (its parameters are re-allocated first; the strict check guarantees every one is then written).
         """
+        if self._asleep:
+            self._allocate_parameters()
         state = self.model.state_dict()
         # Tied weights appear under several names sharing one storage; any one name loads them all.
         alias_group: dict[str, tuple] = {
@@ -108,9 +118,32 @@ class TorchRolloutEngine(RolloutEngine):
         missing = sorted(n for n, g in alias_group.items() if g not in loaded_groups)
         if missing:
             raise ValueError(f"load_weights: {len(missing)} weights were not given, e.g. {missing[:5]}")
+        self._asleep = False
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         self.load_weights(named_tensors)
+
+    # ------------------------------------------------------------------ sleep (between rollouts)
+    def sleep(self) -> None:
+        """With release_on_sleep (a model the engine owns): free the parameters' memory while the trainer
+        updates, like vLLM's sleep level 2. Every weight is re-sent by the next sync anyway, so nothing is
+        copied out; buffers (e.g. rotary tables) stay. Otherwise a no-op: the model may be the caller's."""
+        if self.model is None or self._asleep or not self.release_on_sleep:
+            return
+        self._shapes = {}
+        for name, param in self.model.named_parameters():  # tied weights: one Parameter, listed once
+            self._shapes[name] = param.shape
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        self._asleep = True
+
+    def wake_up(self) -> None:
+        """Nothing to re-acquire without weights: a sleeping engine wakes in `sync_weights`."""
+        if self._asleep:
+            raise RuntimeError("TorchRolloutEngine is asleep (its weights were freed): sync weights to wake it")
+
+    def _allocate_parameters(self) -> None:
+        for name, param in self.model.named_parameters():
+            param.data = torch.empty(self._shapes[name], dtype=param.dtype, device=param.device)
 
     def close(self) -> None:
         self.model = None
@@ -122,6 +155,8 @@ class TorchRolloutEngine(RolloutEngine):
         """Sample params.n responses per prompt; returns Generations ordered prompt-major (see base.py)."""
         if self.model is None:
             raise RuntimeError("generate called on a closed TorchRolloutEngine")
+        if self._asleep:
+            raise RuntimeError("generate called on a sleeping TorchRolloutEngine (weights freed): sync weights first")
         prompt_keys = check_requests(prompts, request_ids)
         stop_ids = params.stop_token_ids
         if stop_ids is None:
