@@ -37,6 +37,9 @@ class ModelConfig:
     attn_backend: Literal["auto", "sdpa", "flash_attn"] = "auto"  # attention kernel; flash_attn needs the gpu extra
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"  # fused LM-head/loss kernels: auto = triton on CUDA
     activation_checkpointing: bool = False  # recompute each decoder layer in backward to save memory
+    # Compute the token loss inside the LM head's forward (kernels.fused_token_loss): 3 LM-head GEMMs per
+    # update instead of 4. Needs a token-separable loss: policy_loss ppo, fipo off, tis off.
+    fused_lm_head_loss: bool = False
 
     def validate(self, p: str) -> None:
         for name in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_heads", "tiny_num_kv_heads", "tiny_intermediate_size"):
@@ -285,6 +288,13 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        a = self.algorithm
+        if self.model.fused_lm_head_loss:
+            coupled = [name for name, on in (("algorithm.policy_loss=gspo", a.policy_loss == "gspo"),
+                                             ("algorithm.fipo", a.fipo), ("algorithm.tis", a.tis != "off")) if on]
+            if coupled:
+                _fail("model.fused_lm_head_loss", f"needs a token-separable loss; {', '.join(coupled)} couples "
+                      "the tokens of a sequence (turn those off or set fused_lm_head_loss false)")
         return self
 
     def to_dict(self) -> dict:

@@ -165,6 +165,22 @@ def aggregate(
     return per_token_share.sum() / max(normalizer.global_seqs, 1.0)
 
 
+def aggregation_weights(mask: Tensor, seq_ids: Tensor, mode: str, normalizer: LossNormalizer) -> Tensor:
+    """Per-token weights w [N] (float32, 0 at masked tokens) with aggregate(l, ...) == sum_t w_t l_t for every
+    finite l: the aggregation as constants, for losses computed chunk by chunk (kernels.fused_token_loss)."""
+    _check_tokens(mask.numel(), mask=mask, seq_ids=seq_ids)
+    _check_mask(mask)
+    if mode not in AGG_MODES:
+        raise ValueError(f"aggregation mode must be one of {AGG_MODES}, got {mode!r}")
+    ones = mask.to(torch.float32)
+    if mode == "token-mean":
+        return ones / max(normalizer.global_tokens, 1.0)
+    if mode == "seq-sum-constant":
+        return ones / (normalizer.gen_max_len * max(normalizer.global_seqs, 1.0))
+    lengths, index = _per_seq_sum(ones, seq_ids)
+    return ones / lengths.clamp_min(1.0)[index] / max(normalizer.global_seqs, 1.0)
+
+
 def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kind: str = "k3") -> Tensor:
     """Per-token KL estimate to a frozen reference policy (spec 3; Schulman 2020, "Approximating KL").
 

@@ -43,12 +43,13 @@ class PolicyForward(nn.Module):
         self.policy = policy
         self.kernel_backend = kernel_backend
 
-    def forward(self, mb: MicroBatch, temperature: float, with_entropy: bool = True):
+    def forward(self, mb: MicroBatch, temperature: float, with_entropy: bool = True, loss_fn=None):
+        """(logprob, entropy, anchor hidden); with loss_fn (model.fused_lm_head_loss) the token loss is made in
+        the LM head's forward and this returns (loss, logprob, entropy, anchor hidden), logprob/entropy detached."""
         hidden = self.policy(mb.input_ids, position_ids=mb.position_ids, cu_seqlens=mb.cu_seqlens)[0]
-        logprob, entropy = self.policy.lm_head(hidden[mb.response_positions], targets=mb.targets,
-                                               temperature=temperature, with_entropy=with_entropy,
-                                               backend=self.kernel_backend)
-        return logprob, entropy, hidden[mb.anchor_positions]
+        out = self.policy.lm_head(hidden[mb.response_positions], targets=mb.targets, temperature=temperature,
+                                  with_entropy=with_entropy, backend=self.kernel_backend, loss_fn=loss_fn)
+        return (*out, hidden[mb.anchor_positions])
 
 
 def set_seed(seed: int) -> None:
@@ -356,29 +357,41 @@ class Trainer:
         from grpo_core.losses import kl_penalty, logprob_mismatch_stats, policy_objective, tis_weights
 
         cfg, a = self.cfg, self.cfg.algorithm
-        logprob, entropy, anchor_h = self.engine(mb, cfg.rollout.temperature, with_entropy=True)
-        old = logprob.detach() if on_policy else mb.old_logprob
-        adv = mb.advantages
-        if a.fipo:
-            adv = adv * fipo_weights(logprob.detach(), old, mb.mask, adv, seq_ids=mb.seq_ids, tau=a.fipo_tau,
-                                     eps_f=a.fipo_eps, high_only=a.fipo_high_only)
         # NSR draws: Philox keyed by the run seed, counters (global token id, optimizer step): independent of
         # micro-batching and of the number of ranks.
         common = dict(eps_low=a.eps_low, eps_high=a.eps_high, nsr=a.nsr, nsr_prob=a.nsr_prob, nsr_band=a.nsr_band,
                       seed=cfg.trainer.seed, step=self.opt_steps % 2**32)
-        if a.policy_loss == "gspo":
-            starts = _seq_starts(mb.seq_ids)
-            cu = torch.cat([starts, starts.new_tensor([mb.seq_ids.numel()])])
-            per_tok, st = gspo_policy_loss(logprob, old, adv, mb.mask, cu,
-                                           seq_index=mb.token_index[starts] // cfg.rollout.max_new_tokens, **common)
+        if cfg.model.fused_lm_head_loss:
+            loss_fn, sums = self._token_loss_fn(mb, norm, on_policy, common)
+            total, logprob, entropy, anchor_h = self.engine(mb, cfg.rollout.temperature, with_entropy=True,
+                                                            loss_fn=loss_fn)
+            old = logprob if on_policy else mb.old_logprob
+            st = {k: sums[k] for k in ("n_clip_low", "n_clip_high", "n_rescued")}
+            metrics = {"loss/policy": sums["policy"], "actor/entropy": sums["entropy"],
+                       "loss/entropy_bonus": -a.entropy_coef * sums["entropy"]}
+            if self.ref_engine is not None:
+                metrics.update({"actor/kl_ref": sums["kl"], "loss/kl": a.kl_coef * sums["kl"]})
+            metrics["loss/total"] = total.detach()
         else:
-            per_tok, st = clipped_policy_loss(logprob, old, adv, mb.mask, dual_clip=a.dual_clip,
-                                              token_index=mb.token_index, backend=cfg.model.kernel_backend, **common)
-        if a.tis != "off":
-            per_tok = per_tok * tis_weights(old, mb.rollout_logprob, mb.mask, mb.seq_ids, level=a.tis, clip=a.tis_clip)
-        kl = kl_penalty(logprob, mb.ref_logprob, a.kl_type) if self.ref_engine is not None else None
-        total, metrics = policy_objective(per_tok, mb.mask, mb.seq_ids, a.loss_agg, norm, entropy=entropy,
-                                          entropy_coef=a.entropy_coef, kl=kl, kl_coef=a.kl_coef)
+            logprob, entropy, anchor_h = self.engine(mb, cfg.rollout.temperature, with_entropy=True)
+            old = logprob.detach() if on_policy else mb.old_logprob
+            adv = mb.advantages
+            if a.fipo:
+                adv = adv * fipo_weights(logprob.detach(), old, mb.mask, adv, seq_ids=mb.seq_ids, tau=a.fipo_tau,
+                                         eps_f=a.fipo_eps, high_only=a.fipo_high_only)
+            if a.policy_loss == "gspo":
+                starts = _seq_starts(mb.seq_ids)
+                cu = torch.cat([starts, starts.new_tensor([mb.seq_ids.numel()])])
+                per_tok, st = gspo_policy_loss(logprob, old, adv, mb.mask, cu,
+                                               seq_index=mb.token_index[starts] // cfg.rollout.max_new_tokens, **common)
+            else:
+                per_tok, st = clipped_policy_loss(logprob, old, adv, mb.mask, dual_clip=a.dual_clip,
+                                                  token_index=mb.token_index, backend=cfg.model.kernel_backend, **common)
+            if a.tis != "off":
+                per_tok = per_tok * tis_weights(old, mb.rollout_logprob, mb.mask, mb.seq_ids, level=a.tis, clip=a.tis_clip)
+            kl = kl_penalty(logprob, mb.ref_logprob, a.kl_type) if self.ref_engine is not None else None
+            total, metrics = policy_objective(per_tok, mb.mask, mb.seq_ids, a.loss_agg, norm, entropy=entropy,
+                                              entropy_coef=a.entropy_coef, kl=kl, kl_coef=a.kl_coef)
         align = cos_sum = torch.zeros((), device=logprob.device)
         n_here = 0
         if n_align > 0 and anchor_h.shape[0] > 1:
@@ -404,6 +417,42 @@ class Trainer:
         })
         mism = logprob_mismatch_stats(lp_d, mb.rollout_logprob, mb.mask, mb.seq_ids)
         return total, metrics, mism["mismatch/max_abs_diff"]
+
+    def _token_loss_fn(self, mb: MicroBatch, norm, on_policy: bool, common: dict):
+        """The micro-batch's policy objective as a token-separable loss of (logprob, entropy) for
+        kernels.fused_token_loss: per chunk of rows, sum_t w_t (l_t - c_H H_t + c_KL kl_t) with the aggregation
+        as per-token weights w (losses.aggregation_weights). Same value and gradients as the unfused path;
+        `sums` collects the metric sums (detached) across chunks."""
+        from kernels import clipped_policy_loss
+
+        from grpo_core.losses import aggregation_weights, kl_penalty
+
+        a, backend = self.cfg.algorithm, self.cfg.model.kernel_backend
+        weights = aggregation_weights(mb.mask, mb.seq_ids, a.loss_agg, norm)
+        names = ("policy", "entropy", "kl", "n_clip_low", "n_clip_high", "n_rescued")
+        sums = {k: torch.zeros((), dtype=torch.float32, device=mb.mask.device) for k in names}
+
+        def weighted_sum(values, s, e):
+            # where(), not multiplication, as losses.aggregate: non-finite values at masked tokens are dropped.
+            return (torch.where(mb.mask[s:e], values.float(), 0.0) * weights[s:e]).sum()
+
+        def loss_fn(logprob, entropy, s, e):
+            old = logprob.detach() if on_policy else mb.old_logprob[s:e]
+            per_tok, st = clipped_policy_loss(logprob, old, mb.advantages[s:e], mb.mask[s:e], dual_clip=a.dual_clip,
+                                              token_index=mb.token_index[s:e], backend=backend, **common)
+            policy, ent = weighted_sum(per_tok, s, e), weighted_sum(entropy, s, e)
+            total = policy - a.entropy_coef * ent
+            sums["policy"] += policy.detach()
+            sums["entropy"] += ent.detach()
+            if self.ref_engine is not None:
+                kl = weighted_sum(kl_penalty(logprob, mb.ref_logprob[s:e], a.kl_type), s, e)
+                total = total + a.kl_coef * kl
+                sums["kl"] += kl.detach()
+            for k in ("n_clip_low", "n_clip_high", "n_rescued"):
+                sums[k] += st[k].float()
+            return total
+
+        return loss_fn, sums
 
     def _ratio_metrics(self, out: dict) -> dict:
         tokens = max(out.pop("tokens", 0.0), 1.0)

@@ -66,11 +66,14 @@ def _train_rows(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_rank(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused_lm_head_loss"])
+def test_two_ranks_match_one_rank(tmp_path, fused):
     """Same global batch on 1 and 2 ranks (gloo): same weights after 3 steps (fp32, 1e-5), with NSR and
-    Hidden-Align on and two optimizer steps per rollout batch."""
-    _train(tmp_path / "one", "trainer.max_steps=3")
-    _train(tmp_path / "two", "trainer.max_steps=3", nproc=2)
+    Hidden-Align on and two optimizer steps per rollout batch; also with the loss made inside the LM head's
+    forward (ZeRO-3 gathers the partitioned head for it and takes the gradient it returns)."""
+    extra = ["trainer.max_steps=3", f"model.fused_lm_head_loss={str(fused).lower()}"]
+    _train(tmp_path / "one", *extra)
+    _train(tmp_path / "two", *extra, nproc=2)
     w1, w2 = _final_weights(tmp_path / "one", 3), _final_weights(tmp_path / "two", 3)
     w0 = load_file(next((tmp_path / "one" / "warm_start_model").glob("*.safetensors")))
     assert w1.keys() == w2.keys()

@@ -12,6 +12,7 @@ from grpo_core.losses import (
     AGG_MODES,
     LossNormalizer,
     aggregate,
+    aggregation_weights,
     backward_scale,
     kl_penalty,
     logprob_mismatch_stats,
@@ -86,6 +87,24 @@ def test_aggregate_values_match_formulas():
     with pytest.raises(ValueError, match="gen_max_len"):
         LossNormalizer(1, 1, 0)
     assert backward_scale(4) == 4.0
+
+
+def test_aggregation_weights_match_aggregate():
+    """Hand values for the three modes, and sum(w * l) == aggregate(l) for random finite l."""
+    mask = T([True, True, False, True, False])
+    ids = T([0, 0, 0, 1, 2])
+    norm = LossNormalizer.from_step([mask], [ids], gen_max_len=10)
+    expected = {"token-mean": [1 / 3, 1 / 3, 0, 1 / 3, 0], "seq-mean-token-mean": [0.25, 0.25, 0, 0.5, 0],
+                "seq-sum-constant": [0.05, 0.05, 0, 0.05, 0]}
+    gen = torch.Generator().manual_seed(0)
+    for mode, want in expected.items():
+        w = aggregation_weights(mask, ids, mode, norm)
+        assert w.dtype == torch.float32
+        torch.testing.assert_close(w.double(), T(want, dtype=torch.float64), atol=1e-7, rtol=0)
+        loss = torch.randn(5, generator=gen)
+        torch.testing.assert_close((w * loss).sum(), aggregate(loss, mask, ids, mode, norm), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="aggregation mode"):
+        aggregation_weights(mask, ids, "sum", norm)
 
 
 def test_empty_step_gives_zero_loss():

@@ -126,8 +126,12 @@ class LMHead(nn.Module):
         temperature: float = 1.0,
         with_entropy: bool = True,
         backend: str = "auto",
+        loss_fn=None,
     ):
         """Without targets: hidden [..., D] -> logits [..., V] (hidden's dtype).
+
+        With targets and loss_fn (hidden [N, D], targets [N]): ``kernels.fused_token_loss`` - returns
+        (loss, logprob [N], entropy [N]) with the loss's gradients made in this forward (see kernels/token_loss.py).
 
         With targets [...] int64 (-100 = ignored): returns (logprob [...] fp32, entropy [...] fp32 or whatever
         the kernel gives when with_entropy=False) of softmax(logits / temperature), computed by
@@ -138,6 +142,11 @@ class LMHead(nn.Module):
         if targets.shape != hidden.shape[:-1]:
             raise ValueError(f"targets shape {list(targets.shape)} must equal hidden shape without D "
                              f"{list(hidden.shape[:-1])}")
+        if loss_fn is not None:
+            from kernels.token_loss import fused_token_loss
+
+            return fused_token_loss(hidden.reshape(-1, hidden.shape[-1]), self.weight, targets.reshape(-1).long(),
+                                    loss_fn, temperature, with_entropy=with_entropy, backend=backend)
         fused = _fused_logprob_entropy()
         lead = hidden.shape[:-1]
         logprob, entropy = fused(
