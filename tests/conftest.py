@@ -59,3 +59,21 @@ def nan_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
     monkeypatch.setattr(torch, "empty_like", empty_like)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from intra-op threads; spinning them slows everything down on 2 cores.
+    Use per module: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """The project's tiny model (HF layout: config, safetensors, tokenizer) in a temporary directory."""
+    from grpo_core.tiny import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny"))

@@ -11,14 +11,7 @@ from grpo_core.rollout.sampling import (gumbel_noise, hash32, mask_top_k, mask_t
                                         sample_tokens, step_keys)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's matmuls are far too small to gain from threads; on a busy 2-core machine the spinning
-    intra-op threads made decode steps ~15x slower. Restored afterwards for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- sampling (no model)

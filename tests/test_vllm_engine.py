@@ -31,19 +31,7 @@ from grpo_core.weight_sync import SyncStats, iter_weight_buckets, sync_engine_we
 HAS_VLLM = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from grpo_core.tiny import build_tiny_model_dir
-
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- one-line errors

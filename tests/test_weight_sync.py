@@ -65,20 +65,7 @@ def _check_stream(buckets, expected: dict[str, torch.Tensor], bucket_bytes: int,
     return {"names": names, "bucket_sizes": sizes}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from threads; spinning intra-op threads slow them down on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from grpo_core.tiny import build_tiny_model_dir
-
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- plain modules
