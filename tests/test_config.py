@@ -86,3 +86,12 @@ def test_cli_reports_config_errors_in_one_line():
     r = subprocess.run([sys.executable, "-m", "grpo_core", "train", "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "--set" in r.stdout and "--resume" in r.stdout
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_recipe_loads(recipe):
+    """Every shipped recipe is a valid config (unknown keys / wrong types would be one ConfigError)."""
+    cfg = load_config(ROOT / "configs" / recipe)
+    assert cfg.trainer.max_steps > 0 and cfg.trainer.output_dir
+    ds = deepspeed_config(cfg, world_size=8, use_cuda=cfg.trainer.device == "cuda")
+    assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
