@@ -34,7 +34,6 @@ when it is off (ours_torch, naive and compiled need no interpreter). liger is CU
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -44,10 +43,10 @@ import torch.utils.checkpoint
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from benchmarks.common import (  # noqa: E402
-    OOM, RESULTS_DIR, device_label, device_problem, format_table, free_cuda_memory, machine_info, matmul_tflops, measure,
-    plot_bars, write_json,
+    OOM, RESULTS_DIR, device_label, format_table, free_cuda_memory, matmul_tflops, measure,
+    plot_bars, start_kernel_bench, write_json,
 )
-from kernels.logprob_entropy import default_chunk_size, fused_logprob_entropy
+from kernels.logprob_entropy import default_chunk_size, fused_logprob_entropy  # noqa: E402
 from kernels.token_loss import fused_token_loss  # noqa: E402
 
 PROVIDERS = ["ours", "ours_lp", "ours_torch", "ours_tokens", "ours_loss", "naive", "compiled", "liger"]
@@ -228,24 +227,12 @@ def parse_args(argv=None):
     return args
 
 
-def check_device(args) -> str | None:
-    """Why the run cannot go ahead on args.device, or None."""
-    triton = [p for p in args.providers if p in TRITON_PROVIDERS]
-    return device_problem("bench_logprob_entropy", args.device, triton)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    problem = check_device(args)
-    if problem:
-        print(problem, file=sys.stderr)
+    meta = start_kernel_bench("logprob_entropy", args, [p for p in args.providers if p in TRITON_PROVIDERS])
+    if meta is None:
         return 2
     dtype = DTYPES[args.dtype]
-    meta = machine_info(args.device)
-    meta.update(bench="logprob_entropy", args={k: str(v) for k, v in vars(args).items()})
-    if args.device == "cpu":
-        meta["memory"] = "not measured on cpu: peak_mib and extra_mib are None"
-        meta["triton_interpret"] = os.environ.get("TRITON_INTERPRET") == "1"
     name = device_label(meta)
     print(f"# {name}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}")
     rows = []

@@ -33,7 +33,6 @@ when it is off (ours_torch, torch and compile need no interpreter).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -42,8 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from benchmarks.common import (  # noqa: E402
-    OOM, RESULTS_DIR, device_label, device_problem, format_table, free_cuda_memory, machine_info, measure, time_ms,
-    write_json,
+    OOM, RESULTS_DIR, device_label, format_table, free_cuda_memory, measure, time_ms,
+    start_kernel_bench, write_json,
 )
 
 OPS = ["policy_loss", "hidden_align"]
@@ -249,26 +248,16 @@ def parse_args(argv=None):
     return args
 
 
-def check_device(args) -> str | None:
-    """Why the run cannot go ahead on args.device, or None."""
-    return device_problem("bench_policy_loss", args.device, [p for p in args.providers if p == "ours"])
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    problem = check_device(args)
-    if problem:
-        print(problem, file=sys.stderr)
+    meta = start_kernel_bench("policy_loss", args, [p for p in args.providers if p == "ours"])
+    if meta is None:
         return 2
-    meta = machine_info(args.device)
     name = device_label(meta)
     copy_bw = copy_bandwidth_gbs(args.device)
     free_cuda_memory()  # the 2 GiB of the copy test
-    meta.update(bench="policy_loss", args={k: str(v) for k, v in vars(args).items()}, copy_bw_gbs=copy_bw,
+    meta.update(copy_bw_gbs=copy_bw,
                 nominal_bw_gbs=nominal_bandwidth_gbs(meta["gpu"]) if args.device == "cuda" else None)
-    if args.device == "cpu":
-        meta["memory"] = "not measured on cpu: peak_mib is None"
-        meta["triton_interpret"] = os.environ.get("TRITON_INTERPRET") == "1"
     nominal = meta["nominal_bw_gbs"]
     print(f"# {name}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}  "
           f"copy {copy_bw:.0f} GB/s  nominal {'-' if nominal is None else f'{nominal:.0f}'} GB/s", flush=True)

@@ -14,6 +14,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -37,15 +38,26 @@ def git_commit() -> str:
         return "unknown"
 
 
-def device_problem(script: str, device: str, triton_providers: list[str]) -> str | None:
-    """Why a kernel benchmark cannot run on `device` with these Triton-kernel providers, or None."""
-    if device == "cuda" and not torch.cuda.is_available():
-        return f"{script}: --device cuda but no CUDA GPU is visible (use --device cpu for a smoke test)"
-    if device == "cpu" and triton_providers and os.environ.get("TRITON_INTERPRET") != "1":
-        return (f"{script}: providers {' '.join(triton_providers)} run Triton kernels, which on CPU need "
-                "TRITON_INTERPRET=1 in the environment before python starts (kernels is imported at start-up); "
-                "set it, or leave those providers out")
-    return None
+def start_kernel_bench(bench: str, args, triton_providers: list[str]) -> dict | None:
+    """Checks that a kernel benchmark can run on args.device and returns its meta (machine, versions, args),
+    or prints why not to stderr and returns None. On CPU, Triton providers need TRITON_INTERPRET=1 set
+    before python starts (kernels is imported at start-up), and memory is not measured."""
+    problem = None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        problem = f"bench_{bench}: --device cuda but no CUDA GPU is visible (use --device cpu for a smoke test)"
+    elif args.device == "cpu" and triton_providers and os.environ.get("TRITON_INTERPRET") != "1":
+        problem = (f"bench_{bench}: providers {' '.join(triton_providers)} run Triton kernels, which on CPU need "
+                   "TRITON_INTERPRET=1 in the environment before python starts (kernels is imported at "
+                   "start-up); set it, or leave those providers out")
+    if problem:
+        print(problem, file=sys.stderr)
+        return None
+    meta = machine_info(args.device)
+    meta.update(bench=bench, args={k: str(v) for k, v in vars(args).items()})
+    if args.device == "cpu":
+        meta["memory"] = "not measured on cpu: peak and extra memory are None"
+        meta["triton_interpret"] = os.environ.get("TRITON_INTERPRET") == "1"
+    return meta
 
 
 def cpu_model() -> str:

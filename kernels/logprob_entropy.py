@@ -349,22 +349,36 @@ def backward_blocks(n_tokens: int, vocab_size: int, dim: int, dtype: torch.dtype
 # ----------------------------------------------------------------------------------------------
 
 
-class _LogprobEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temp, with_entropy, chunk_size, vocab_chunk_size, backend):
-        fwd_epilogue = _EPILOGUES[backend][0]
-        n_tokens = hidden.shape[0]
-        stat_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        logprob = torch.empty(n_tokens, dtype=stat_dtype, device=hidden.device)
-        entropy = torch.empty_like(logprob)
-        lse = torch.empty_like(logprob)
-        chunk = chunk_size if chunk_size is not None else default_chunk_size(n_tokens, weight.shape[0])
+def _forward_chunks(hidden, weight, targets, inv_temp, with_entropy, chunk_size, backend):
+    """The forward pass over token chunks: allocates (logprob, entropy, lse) [N] and returns them with an
+    iterator that, per chunk, computes the logits, runs the forward epilogue into those outputs and yields
+    (start, end, logits) (the caller may reuse or drop the chunk's logits before the next one)."""
+    fwd_epilogue = _EPILOGUES[backend][0]
+    n_tokens = hidden.shape[0]
+    stat_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logprob = torch.empty(n_tokens, dtype=stat_dtype, device=hidden.device)
+    entropy = torch.empty_like(logprob)
+    lse = torch.empty_like(logprob)
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(n_tokens, weight.shape[0])
+
+    def chunks():
         for start in range(0, n_tokens, chunk):
             end = min(start + chunk, n_tokens)
             logits = _logits_block(hidden[start:end], weight)
             fwd_epilogue(logits, targets[start:end], inv_temp, with_entropy,
                          logprob[start:end], entropy[start:end], lse[start:end])
-            del logits
+            yield start, end, logits
+
+    return (logprob, entropy, lse), chunks()
+
+
+class _LogprobEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_temp, with_entropy, chunk_size, vocab_chunk_size, backend):
+        (logprob, entropy, lse), chunks = _forward_chunks(hidden, weight, targets, inv_temp, with_entropy,
+                                                          chunk_size, backend)
+        for _ in chunks:
+            pass
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.inv_temp, ctx.with_entropy, ctx.backend = inv_temp, with_entropy, backend
         ctx.chunk_size, ctx.vocab_chunk_size = chunk_size, vocab_chunk_size
@@ -394,9 +408,12 @@ class _LogprobEntropyFunction(torch.autograd.Function):
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         grad_weight = None
         if need_weight:
-            # Several token blocks add into d weight: accumulate in fp32 ([V, D], see backward_blocks).
-            acc_dtype = weight.dtype if (wide or rows == n_tokens) else torch.float32
-            grad_weight = torch.empty(weight.shape, dtype=acc_dtype, device=weight.device)
+            # Several 16-bit token blocks add into d weight: a zeroed fp32 accumulator ([V, D], see
+            # backward_blocks); otherwise the first block writes the gradient directly.
+            if wide or rows == n_tokens:
+                grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            else:
+                grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for r0 in range(0, n_tokens, rows):
             r1 = min(r0 + rows, n_tokens)
             hidden_block = hidden[r0:r1]
@@ -424,12 +441,8 @@ class _LogprobEntropyFunction(torch.autograd.Function):
                         dh_acc.zero_()
                     _addmm_(dh_acc, dlogits, weight_slice)
                 if need_weight:
-                    if r0 == 0:
-                        if grad_weight.dtype == dlogits.dtype:
-                            torch.mm(dlogits.T, hidden_block, out=grad_weight[v0:v1])
-                        else:
-                            grad_weight[v0:v1].zero_()
-                            _addmm_(grad_weight[v0:v1], dlogits.T, hidden_block)
+                    if r0 == 0 and grad_weight.dtype == weight.dtype:
+                        torch.mm(dlogits.T, hidden_block, out=grad_weight[v0:v1])
                     else:
                         _addmm_(grad_weight[v0:v1], dlogits.T, hidden_block)
                 del dlogits

@@ -17,8 +17,8 @@ the forward, so the whole op is the 3-GEMM roofline (6*N*D*V flops):
         d weight  += d logits_c.T @ hidden_c                    (GEMM 3, fp32 accumulator)
     backward: scale the stored gradients by the upstream scalar gradient of the loss.
 
-Memory beyond inputs and outputs: the forward's C * V * 4 bytes of fp32 logits (d logits overwrite
-them, viewed in the input dtype for fp32, or written to a C * V * s 16-bit buffer), the gradients of
+Memory beyond inputs and outputs: the forward's C * V * 4 bytes of fp32 logits (for fp32 inputs the d logits
+overwrite them in place; for 16-bit inputs they go to a C * V * s buffer of the input dtype), the gradients of
 hidden and weight held from forward to backward (they are the returned gradients), and, for 16-bit
 weights with more than one chunk, a V * D * 4 bytes fp32 d weight accumulator unless
 fp32_grad_weight_accumulator=False, which accumulates in the weight dtype (one rounding per chunk).
@@ -32,12 +32,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import triton
 
 from kernels.logprob_entropy import (
     _EPILOGUES,
     _addmm_,
-    _logits_block,
+    _forward_chunks,
     _resolve_backend,
     _validate,
     default_chunk_size,
@@ -68,27 +67,19 @@ class _TokenLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, loss_fn, inv_temp, with_entropy, chunk_size, fp32_acc, backend,
                 need_hidden, need_weight):
-        fwd_epilogue, bwd_epilogue = _EPILOGUES[backend]
+        bwd_epilogue = _EPILOGUES[backend][1]
+        (logprob, entropy, lse), chunks = _forward_chunks(hidden, weight, targets, inv_temp, with_entropy,
+                                                          chunk_size, backend)
+        total = torch.zeros((), dtype=logprob.dtype, device=hidden.device)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
-        stat_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        logprob = torch.empty(n_tokens, dtype=stat_dtype, device=hidden.device)
-        entropy = torch.empty_like(logprob)
-        lse = torch.empty_like(logprob)
-        total = torch.zeros((), dtype=stat_dtype, device=hidden.device)
         chunk = chunk_size if chunk_size is not None else default_chunk_size(n_tokens, vocab)
-        n_chunks = triton.cdiv(n_tokens, chunk)
         wide = hidden.dtype in (torch.float32, torch.float64)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None
         if need_weight:
-            acc_dtype = weight.dtype if (wide or n_chunks == 1 or not fp32_acc) else torch.float32
+            acc_dtype = weight.dtype if (wide or n_tokens <= chunk or not fp32_acc) else torch.float32
             grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-        for start in range(0, n_tokens, chunk):
-            end = min(start + chunk, n_tokens)
-            hidden_chunk = hidden[start:end]
-            logits = _logits_block(hidden_chunk, weight)
-            fwd_epilogue(logits, targets[start:end], inv_temp, with_entropy,
-                         logprob[start:end], entropy[start:end], lse[start:end])
+        for start, end, logits in chunks:
             loss, grad_lp, grad_ent = _token_loss_grads(loss_fn, logprob, entropy, start, end, with_entropy,
                                                         need_hidden or need_weight)
             total += loss
@@ -104,7 +95,7 @@ class _TokenLossFunction(torch.autograd.Function):
             if need_hidden:
                 torch.mm(dlogits, weight, out=grad_hidden[start:end])
             if need_weight:
-                _addmm_(grad_weight, dlogits.T, hidden_chunk)
+                _addmm_(grad_weight, dlogits.T, hidden[start:end])
             del dlogits
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype

@@ -68,6 +68,7 @@ class TorchRolloutEngine(RolloutEngine):
         self.check_every = check_every
         self.release_on_sleep = bool(release_on_sleep)
         self._asleep = False
+        self._shapes: dict[str, torch.Size] = {}  # parameter shapes while asleep (storage freed)
 
     @classmethod
     def from_model_copy(cls, model: nn.Module, **kwargs) -> "TorchRolloutEngine":
@@ -130,7 +131,6 @@ class TorchRolloutEngine(RolloutEngine):
         copied out; buffers (e.g. rotary tables) stay. Otherwise a no-op: the model may be the caller's."""
         if self.model is None or self._asleep or not self.release_on_sleep:
             return
-        self._shapes = {}
         for name, param in self.model.named_parameters():  # tied weights: one Parameter, listed once
             self._shapes[name] = param.shape
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
