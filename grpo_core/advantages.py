@@ -50,12 +50,13 @@ def compute_advantages(
     group_ids: Tensor,
     estimator: str = "grpo",
     eps: float = 1e-6,
-    std_unbiased: bool = False,
+    std_unbiased: bool = True,
 ) -> Tensor:
-    """Per-response advantages from scalar rewards, normalised within each prompt group (spec 1).
+    """Per-response advantages from scalar rewards, normalised within each prompt group (docs/algorithms.md 1).
 
     - ``"grpo"`` (Shao et al. 2024, DeepSeekMath): A_i = (R_i - mean(R)) / (std(R) + eps).
-      **[choice]** ``std_unbiased=False``: the population std (divide by G); ``True`` divides by G - 1.
+      **[choice]** ``std_unbiased=True`` (default, as verl and TRL): the sample std, dividing by G - 1;
+      ``False``: the population std (divide by G). The two differ by sqrt(G / (G - 1)).
     - ``"drgrpo"`` (Liu et al. 2025, "Understanding R1-Zero-Like Training"): A_i = R_i - mean(R).
     - ``"rloo"`` (Ahmadian et al. 2024, REINFORCE leave-one-out): A_i = R_i - mean_{j != i} R_j
       = G / (G - 1) * (R_i - mean(R)); a group of one response gets 0.
@@ -97,6 +98,21 @@ def compute_advantages(
     constant = _constant_groups(r, index, num_groups)
     adv = adv.masked_fill(constant[index], 0.0)
     return adv.to(rewards.dtype)
+
+
+# Aggregation each estimator's paper pairs it with (docs/algorithms.md 1 and 3): Dr. GRPO's unbiasedness argument
+# needs the constant normaliser as well as the std-free advantage.
+PAPER_AGGREGATION = {"drgrpo": "seq-sum-constant"}
+
+
+def aggregation_notice(estimator: str, loss_agg: str) -> str | None:
+    """One line to print when the advantage estimator runs with an aggregation its paper does not use
+    (e.g. ``advantage=drgrpo`` with ``token-mean``), so the pairing is a visible choice; None when paired."""
+    paired = PAPER_AGGREGATION.get(estimator)
+    if paired is None or paired == loss_agg:
+        return None
+    return (f"note: algorithm.advantage={estimator} runs with algorithm.loss_agg={loss_agg}; the paper pairs it "
+            f"with loss_agg={paired} (set it for the paper's objective)")
 
 
 _NO_ANSWER = object()  # the "none" class; a sentinel so that a real answer string "none" never collides

@@ -129,6 +129,7 @@ class RewardConfig:
 class AlgorithmConfig:
     advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"  # advantage estimator (spec 1)
     adv_eps: float = 1e-6  # eps in GRPO's std normalisation
+    adv_std_unbiased: bool = True  # GRPO std divides by G - 1 (as verl/TRL); false: by G (docs/algorithms.md 1)
     edas: bool = False  # error-diversity advantage shaping on incorrect rollouts (spec 1)
     edas_alpha: float = 0.4  # EDAS alpha
     edas_beta: float = 0.2  # EDAS beta (single wrong-answer class)

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from grpo_core import distributed as gdist
+from grpo_core.advantages import aggregation_notice
 from grpo_core.config import Config, config_diff, deepspeed_config
 from grpo_core.experience import Group, MicroBatch, Sample, build_micro_batch, padding_micro_batch, plan_micro_batches
 
@@ -105,6 +106,9 @@ class Trainer:
         self.log = MetricsLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
                                  progress_bar=cfg.logging.progress_bar, total_steps=cfg.trainer.max_steps,
                                  initial_step=self.step)
+        note = aggregation_notice(cfg.algorithm.advantage, cfg.algorithm.loss_agg)
+        if note:
+            self.log.write(note)
 
     # ------------------------------------------------------------------------------------------ set-up
     def _build_engines(self) -> None:
@@ -247,7 +251,7 @@ class Trainer:
             return
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         group_ids = torch.tensor([s.group_index for s in samples], dtype=torch.long)
-        adv = compute_advantages(rewards, group_ids, a.advantage, eps=a.adv_eps)
+        adv = compute_advantages(rewards, group_ids, a.advantage, eps=a.adv_eps, std_unbiased=a.adv_std_unbiased)
         if a.edas:
             correct = torch.tensor([s.correct for s in samples], dtype=torch.bool)
             adv = edas_shape(adv, group_ids, correct, [s.answer_key for s in samples],
@@ -270,11 +274,12 @@ class Trainer:
         return [mb.to(self.device) for mb in mbs]
 
     @torch.no_grad()
-    def _fill_old_logprobs(self, mbs: list[MicroBatch]) -> None:
+    def _fill_old_logprobs(self, mbs: list[MicroBatch], acc) -> None:
         self.engine.eval()
         for mb in mbs:
             lp, _, _ = self.engine(mb, self.cfg.rollout.temperature, with_entropy=False)
             mb.old_logprob = lp.float()
+            _add_mismatch(acc, mb.old_logprob, mb)
             if self.ref_engine is not None:
                 mb.ref_logprob = self.ref_engine(mb, self.cfg.rollout.temperature, with_entropy=False)[0].float()
         self.engine.train()
@@ -292,11 +297,13 @@ class Trainer:
         # Old logprobs: reuse the update's own forward when exactly on-policy (ratio = 1 at the first pass).
         on_policy = cfg.trainer.ppo_epochs == 1 and len(minis) == 1 and self.ref_engine is None
         packed = [self._rank_micro_batches(mi) for mi in minis]
+        acc = MetricAccumulator()
+        # The rollout/trainer mismatch compares the rollout engine's logprobs with the trainer's pre-update
+        # (old) ones, once per rollout batch: filled here, or made by the single on-policy pass below.
         if not on_policy:
             for mbs in packed:
-                self._fill_old_logprobs(mbs)
+                self._fill_old_logprobs(mbs, acc)
         t_old = time.time() - t0
-        acc = MetricAccumulator()
         skipped = 0
         for _epoch in range(cfg.trainer.ppo_epochs):
             for mi, mbs in enumerate(packed):
@@ -306,14 +313,15 @@ class Trainer:
                 finite = True
                 for k, mb in enumerate(mbs):
                     self.engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
-                    loss, metrics, mism_max = self._micro_batch_loss(mb, norm, n_align, on_policy)
+                    loss, metrics, old = self._micro_batch_loss(mb, norm, n_align, on_policy)
+                    if on_policy:
+                        _add_mismatch(acc, old, mb)
                     ok = bool(torch.isfinite(loss))  # one host sync per micro-batch, not per token
                     if not ok:
                         finite = False
                         loss = self._zero_touch(mb)
                     self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
                     acc.add_dict({k: v.nan_to_num(0.0, 0.0, 0.0) for k, v in metrics.items()}, reduce="sum")
-                    acc.add("mismatch/max_abs", mism_max.nan_to_num(0.0, 0.0, 0.0), reduce="max")
                 finite = gdist.all_reduce_max_int(0 if finite else 1, self.device) == 0
                 lr = lr_at(cfg, self.opt_steps)
                 for group in self.engine.optimizer.param_groups:
@@ -354,7 +362,7 @@ class Trainer:
         from kernels import clipped_policy_loss, gspo_policy_loss
 
         from grpo_core.advantages import fipo_weights
-        from grpo_core.losses import kl_penalty, logprob_mismatch_stats, policy_objective, tis_weights
+        from grpo_core.losses import kl_penalty, policy_objective, tis_weights
 
         cfg, a = self.cfg, self.cfg.algorithm
         # NSR draws: Philox keyed by the run seed, counters (global token id, optimizer step): independent of
@@ -413,10 +421,8 @@ class Trainer:
             "count/n_rescued": st["n_rescued"].float(),
             "entropy/sum": (entropy.detach().float() * masked).sum(),
             "kl_old/sum": ((old - lp_d) * masked).sum(),
-            "mismatch/abs_sum": ((lp_d - mb.rollout_logprob).abs() * masked).sum(),
         })
-        mism = logprob_mismatch_stats(lp_d, mb.rollout_logprob, mb.mask, mb.seq_ids)
-        return total, metrics, mism["mismatch/max_abs_diff"]
+        return total, metrics, old
 
     def _token_loss_fn(self, mb: MicroBatch, norm, on_policy: bool, common: dict):
         """The micro-batch's policy objective as a token-separable loss of (logprob, entropy) for
@@ -462,7 +468,7 @@ class Trainer:
             "nsr/rescue_frac": out.pop("count/n_rescued", 0.0) / tokens,
             "entropy/mean": out.pop("entropy/sum", 0.0) / tokens,
             "kl_old/approx": out.pop("kl_old/sum", 0.0) / tokens,
-            "mismatch/mean_abs": out.pop("mismatch/abs_sum", 0.0) / tokens,
+            "mismatch/mean_abs": out.pop("mismatch/abs_sum", 0.0) / max(out.pop("mismatch/tokens", 0.0), 1.0),
         }
         groups = out.pop("hidden_align/groups", 0.0)
         cos_sum = out.pop("hidden_align/cos_sum", 0.0)
@@ -592,6 +598,15 @@ def _seq_starts(seq_ids: torch.Tensor) -> torch.Tensor:
     first = torch.ones_like(seq_ids, dtype=torch.bool)
     first[1:] = seq_ids[1:] != seq_ids[:-1]
     return first.nonzero().squeeze(1)
+
+
+def _add_mismatch(acc, old_logprob: torch.Tensor, mb: MicroBatch) -> None:
+    """Rollout-engine vs trainer (old, pre-update) logprob mismatch of one micro-batch into the step's sums."""
+    masked = mb.mask.float()
+    diff = ((old_logprob.detach().float() - mb.rollout_logprob).abs() * masked).nan_to_num(0.0, 0.0, 0.0)
+    acc.add("mismatch/abs_sum", diff.sum(), reduce="sum")
+    acc.add("mismatch/tokens", masked.sum(), reduce="sum")
+    acc.add("mismatch/max_abs", diff.max() if diff.numel() else diff.new_zeros(()), reduce="max")
 
 
 def _groups_with_pairs(group_ids: torch.Tensor) -> int:

@@ -47,6 +47,12 @@ _BLOCK = 1024
 # (python -m kernels.compile_check); 8 warps compile without spills on triton 3.6 and 3.9.
 _NUM_WARPS = 8
 _M32 = 0xFFFFFFFF
+# Numerical guards (docs/algorithms.md, "Numerical guards"): the token log-ratio is clamped to
+# [-TOKEN_LOG_RATIO_MAX, TOKEN_LOG_RATIO_MAX] before exp (as verl), GSPO's sequence log-ratio to
+# [SEQ_LOG_RATIO_MIN, SEQ_LOG_RATIO_MAX]; the gradient is zero where a clamp binds, as autograd gives for clamp.
+TOKEN_LOG_RATIO_MAX = 20.0
+SEQ_LOG_RATIO_MIN, SEQ_LOG_RATIO_MAX = -20.0, 10.0
+_TOKEN_LOG_RATIO_MAX_TL = tl.constexpr(TOKEN_LOG_RATIO_MAX)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -107,7 +113,9 @@ def _policy_loss_fwd_kernel(
     b_adv = tl.load(p_adv + o_i, mask=m_i, other=0.0).to(tl.float32)
     b_valid = (tl.load(p_mask + o_i, mask=m_i, other=0) != 0) & m_i
 
-    b_r = tl.exp(b_logp - b_old)
+    b_lr = b_logp - b_old
+    b_in = (b_lr >= -_TOKEN_LOG_RATIO_MAX_TL) & (b_lr <= _TOKEN_LOG_RATIO_MAX_TL)  # the clamp passes gradient
+    b_r = tl.exp(tl.minimum(tl.maximum(b_lr, -_TOKEN_LOG_RATIO_MAX_TL), _TOKEN_LOG_RATIO_MAX_TL))
     b_upper = b_valid & (b_adv > 0) & (b_r > b_high)
     b_lower = b_valid & (b_adv < 0) & (b_r < b_low)
     b_active = b_upper | b_lower
@@ -143,7 +151,7 @@ def _policy_loss_fwd_kernel(
         b_w = tl.where(b_dual, 0.0, b_w)
     b_loss = tl.where(b_valid, b_loss, 0.0)
     # where() rather than w * (...) so an overflowed r (inf) on a zero-weight token gives 0, not NaN.
-    b_dlogp = tl.where(b_valid & (b_w > 0), -(b_w * b_r) * b_adv, 0.0)
+    b_dlogp = tl.where(b_valid & b_in & (b_w > 0), -(b_w * b_r) * b_adv, 0.0)
     tl.store(p_loss + o_i, b_loss, mask=m_i)
     tl.store(p_dlogp + o_i, b_dlogp, mask=m_i)
 
@@ -246,11 +254,14 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _clip_math(ratio, adv, valid, u, p: _ClipParams):
+def _clip_math(log_ratio, adv, valid, u, p: _ClipParams, lo: float, hi: float):
     """Torch twin of the kernel body (float32 in, float32 out): loss, d loss / d log ratio and counters.
 
-    ratio, adv, u: float32 [K]; valid: bool [K]; u may be None when p.nsr == 'off'.
-    The gradient is w.r.t. log ratio (= logprob for the token form and for GSPO's token form alike)."""
+    log_ratio, adv, u: float32 [K]; valid: bool [K]; u may be None when p.nsr == 'off'. The ratio is
+    exp(clamp(log_ratio, lo, hi)) and the gradient is zero where the clamp binds. The gradient is w.r.t. the
+    log ratio (= logprob for the token form and for GSPO's token form alike)."""
+    inside = (log_ratio >= lo) & (log_ratio <= hi)
+    ratio = torch.exp(log_ratio.clamp(lo, hi))
     upper = valid & (adv > 0) & (ratio > p.b_high)
     lower = valid & (adv < 0) & (ratio < p.b_low)
     active = upper | lower
@@ -274,7 +285,7 @@ def _clip_math(ratio, adv, valid, u, p: _ClipParams):
         w = torch.where(dual, torch.zeros_like(w), w)
     zero = torch.zeros_like(loss)
     loss = torch.where(valid, loss, zero)
-    dlogp = torch.where(valid & (w > 0), -(w * ratio) * adv, zero)
+    dlogp = torch.where(valid & inside & (w > 0), -(w * ratio) * adv, zero)
     return loss, dlogp, (valid, lower, upper, rescued, dual)
 
 
@@ -307,7 +318,7 @@ def _token_forward_triton(logprob, old_logprob, advantages, mask, token_index, p
 
 def _token_forward_torch(logprob, old_logprob, advantages, mask, token_index, p: _ClipParams):
     logp = logprob.reshape(-1).to(torch.float32)
-    ratio = torch.exp(logp - old_logprob.reshape(-1).to(torch.float32))
+    log_ratio = logp - old_logprob.reshape(-1).to(torch.float32)
     u = None
     if p.nsr != "off":
         if token_index is not None:
@@ -315,7 +326,8 @@ def _token_forward_torch(logprob, old_logprob, advantages, mask, token_index, p:
         else:
             index = p.offset + torch.arange(logp.numel(), dtype=torch.int64, device=logp.device)
         u = philox_uniform(p.seed, index, p.step)
-    loss, dlogp, flags = _clip_math(ratio, advantages.reshape(-1).to(torch.float32), mask.reshape(-1), u, p)
+    loss, dlogp, flags = _clip_math(log_ratio, advantages.reshape(-1).to(torch.float32), mask.reshape(-1), u, p,
+                                    -TOKEN_LOG_RATIO_MAX, TOKEN_LOG_RATIO_MAX)
     counts = torch.stack([f.sum(dtype=torch.int64) for f in flags])
     return loss, dlogp, counts
 
@@ -459,7 +471,8 @@ def gspo_policy_loss(
         if p.nsr != "off":
             index = seq_index if seq_index is not None else torch.arange(n_seq, dtype=torch.int64, device=dev)
             u = philox_uniform(p.seed, p.offset + index, p.step)
-        loss_seq, dlogp_seq, flags = _clip_math(torch.exp(log_s), adv_seq, tok_count > 0, u, p)
+        loss_seq, dlogp_seq, flags = _clip_math(log_s, adv_seq, tok_count > 0, u, p, SEQ_LOG_RATIO_MIN,
+                                                SEQ_LOG_RATIO_MAX)
         loss = torch.where(mask, loss_seq[seq], torch.zeros((), device=dev))
         dlogp = torch.where(mask, dlogp_seq[seq], torch.zeros((), device=dev))
         tokens_of = tok_count.to(torch.int64)
