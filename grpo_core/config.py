@@ -109,7 +109,7 @@ class RewardConfig:
     incorrect: float = 0.0  # reward otherwise (e.g. -1.0)
     format_reward: float = 0.0  # added when the response states its answer as \boxed{} or "the answer is" (0 = off)
     bare_answer_max_chars: int = 80  # a response this short with no boxed/phrase answer is itself the answer (0 = off)
-    overlong_shaping: bool = False  # DAPO soft overlong punishment (spec 2)
+    overlong_shaping: bool = False  # DAPO soft overlong punishment (docs/algorithms.md §2)
     overlong_cache_len: int = 64  # L_cache in tokens; L_max is rollout.max_new_tokens
     verifier_workers: int = 0  # verifier worker processes (0 = in-process, size-bounded)
     verifier_timeout_s: float = 2.0  # wall-clock bound per verified item in the worker pool
@@ -127,10 +127,10 @@ class RewardConfig:
 
 @dataclass
 class AlgorithmConfig:
-    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"  # advantage estimator (spec 1)
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"  # advantage estimator (docs/algorithms.md §1)
     adv_eps: float = 1e-6  # eps in GRPO's std normalisation
-    adv_std_unbiased: bool = True  # GRPO std divides by G - 1 (as verl/TRL); false: by G (docs/algorithms.md 1)
-    edas: bool = False  # error-diversity advantage shaping on incorrect rollouts (spec 1)
+    adv_std_unbiased: bool = True  # GRPO std divides by G - 1 (as verl/TRL); false: by G (docs/algorithms.md §1)
+    edas: bool = False  # error-diversity advantage shaping on incorrect rollouts (docs/algorithms.md §1)
     edas_alpha: float = 0.4  # EDAS alpha
     edas_beta: float = 0.2  # EDAS beta (single wrong-answer class)
     edas_kappa: float = 2.0  # EDAS kappa (cap on the shift relative to |A|)
@@ -140,16 +140,16 @@ class AlgorithmConfig:
     eps_low: float = 0.2  # lower clip: r >= 1 - eps_low (GSPO default 3e-4 set by the recipe)
     eps_high: float = 0.28  # upper clip (DAPO clip-higher): r <= 1 + eps_high
     dual_clip: Optional[float] = None  # dual-clip constant c for A < 0 (e.g. 3.0), None = off
-    nsr: Literal["off", "scaled", "band"] = "scaled"  # near-boundary stochastic rescue rule (spec 3)
+    nsr: Literal["off", "scaled", "band"] = "scaled"  # near-boundary stochastic rescue rule (docs/algorithms.md §3)
     nsr_prob: float = 0.5  # band rule: rescue probability
     nsr_band: float = 0.1  # band rule: band width beyond the clip edge
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-sum-constant"] = "token-mean"  # aggregation
     entropy_coef: float = 0.0  # entropy bonus coefficient
     kl_coef: float = 0.0  # KL-to-reference coefficient (0 = no reference model at all)
     kl_type: Literal["k1", "k3"] = "k3"  # KL estimator
-    hidden_align_coef: float = 0.0  # Hidden-Align lambda (spec 4), 0 = off
+    hidden_align_coef: float = 0.0  # Hidden-Align lambda (docs/algorithms.md §4), 0 = off
     hidden_align_marker: str = "\\boxed{"  # the anchor is the token just before the last marker
-    fipo: bool = False  # future-KL influenced advantage weights (spec 5)
+    fipo: bool = False  # future-KL influenced advantage weights (docs/algorithms.md §5)
     fipo_tau: float = 32.0  # FIPO half-life in tokens
     fipo_eps: float = 0.2  # FIPO clip range
     fipo_high_only: bool = False  # FIPO clip to [1, 1 + eps] only
@@ -439,10 +439,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     data = apply_overrides(data, list(overrides or []))
     cfg = _build(Config, data, "")
     return cfg.validate()
-
-
-def config_from_dict(data: dict) -> Config:
-    return _build(Config, data, "").validate()
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -1,6 +1,6 @@
 """The GRPO-family trainer: rollout -> verify -> advantage -> update, on a DeepSpeed ZeRO-3 engine.
 
-`train(cfg)` reads top to bottom as the algorithm (spec: shared/specs/algorithms.md):
+`train(cfg)` reads top to bottom as the algorithm (docs/algorithms.md):
 
     for step in 1..max_steps:
         groups  = self.rollout(step)        # sample G responses per prompt, verify, reward; DAPO dynamic sampling
@@ -27,11 +27,15 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
+from kernels import backend_summary
 
 from grpo_core import distributed as gdist
 from grpo_core.advantages import aggregation_notice
 from grpo_core.config import Config, config_diff, deepspeed_config
-from grpo_core.experience import Group, MicroBatch, Sample, build_micro_batch, padding_micro_batch, plan_micro_batches
+from grpo_core.experience import Group, Response
+from grpo_core.losses import LossNormalizer, PolicyObjective, backward_scale
+from grpo_core.metrics import UpdateMetrics, rollout_metrics
+from grpo_core.packing import MicroBatch, build_micro_batch, padding_micro_batch, plan_micro_batches
 
 
 class PolicyForward(nn.Module):
@@ -106,6 +110,9 @@ class Trainer:
         self.log = MetricsLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
                                  progress_bar=cfg.logging.progress_bar, total_steps=cfg.trainer.max_steps,
                                  initial_step=self.step)
+        ops = backend_summary(cfg.model.kernel_backend, self.device)
+        self.log.write(f"kernels (model.kernel_backend={cfg.model.kernel_backend}): "
+                       + ", ".join(f"{op}={b}" for op, b in ops.items()))
         note = aggregation_notice(cfg.algorithm.advantage, cfg.algorithm.loss_agg)
         if note:
             self.log.write(note)
@@ -189,7 +196,7 @@ class Trainer:
         for gi, g in enumerate(kept):  # re-index the kept groups: the NSR token ids and anchors use these
             for s in g.samples:
                 s.group_index = gi
-        metrics = self._rollout_metrics(all_groups, kept)
+        metrics = rollout_metrics(all_groups, kept)
         metrics.update({"dynamic_sampling/rounds": rounds, "dynamic_sampling/filtered_frac": stats.filtered_fraction,
                         "dynamic_sampling/bound_hit": float(stats.bound_hit), "time/rollout_s": time.time() - t0})
         return kept, metrics
@@ -215,7 +222,7 @@ class Trainer:
         local = [Group(prompt_uid=s.uid, answer=s.answer) for s in samples]
         rewards = self.run.rewards(results, [len(g.token_ids) for g in gens], [g.finish_reason for g in gens], texts)
         for g, text, res, r in zip(gens, texts, results, rewards):
-            sample = Sample(group_index=-1, sample_index=g.sample_index, prompt_ids=samples[g.prompt_index].prompt_ids,
+            sample = Response(group_index=-1, sample_index=g.sample_index, prompt_ids=samples[g.prompt_index].prompt_ids,
                             response_ids=list(g.token_ids), rollout_logprobs=list(g.logprobs),
                             finish_reason=g.finish_reason, text=text, reward=float(r), correct=bool(res.correct),
                             answer_key=res.canonical)
@@ -226,20 +233,6 @@ class Trainer:
         gathered = gdist.all_gather_objects(list(zip(positions, local)))
         by_position = {p: grp for part in gathered for p, grp in part}
         return [by_position[p] for p in range(len(prompt_indices))]
-
-    def _rollout_metrics(self, all_groups: list[Group], kept: list[Group]) -> dict:
-        samples = [s for g in all_groups for s in g.samples]
-        lengths = [len(s.response_ids) for s in samples]
-        return {
-            "reward/mean": float(np.mean([s.reward for s in samples])),
-            "accuracy": float(np.mean([s.correct for s in samples])),
-            "response_len/mean": float(np.mean(lengths)),
-            "response_len/max": float(np.max(lengths)),
-            "response_len/truncated_frac": float(np.mean([s.finish_reason == "length" for s in samples])),
-            "groups/kept": float(len(kept)),
-            "groups/all_correct_frac": float(np.mean([all(s.correct for s in g.samples) for g in all_groups])),
-            "groups/all_wrong_frac": float(np.mean([not any(s.correct for s in g.samples) for g in all_groups])),
-        }
 
     # ------------------------------------------------------------------------------------------ advantages
     def assign_advantages(self, groups: list[Group]) -> None:
@@ -267,27 +260,28 @@ class Trainer:
         mine = groups[self.dist.rank::self.dist.world_size]
         plans = plan_micro_batches(mine, cfg.trainer.max_tokens_per_micro_batch)
         with_anchors = cfg.algorithm.hidden_align_coef > 0
-        mbs = [build_micro_batch(p, cfg.rollout.max_new_tokens, with_anchors) for p in plans]
+        mbs = [build_micro_batch(p, cfg.rollout.group_size, cfg.rollout.max_new_tokens, with_anchors)
+               for p in plans]
         n = gdist.all_reduce_max_int(len(mbs), self.device)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         mbs += [padding_micro_batch(pad_id) for _ in range(n - len(mbs))]
         return [mb.to(self.device) for mb in mbs]
 
     @torch.no_grad()
-    def _fill_old_logprobs(self, mbs: list[MicroBatch], acc) -> None:
+    def _fill_old_logprobs(self, mbs: list[MicroBatch], metrics: UpdateMetrics) -> None:
         self.engine.eval()
         for mb in mbs:
             lp, _, _ = self.engine(mb, self.cfg.rollout.temperature, with_entropy=False)
             mb.old_logprob = lp.float()
-            _add_mismatch(acc, mb.old_logprob, mb)
+            metrics.add_mismatch(mb.old_logprob, mb.rollout_logprob, mb.mask)
             if self.ref_engine is not None:
                 mb.ref_logprob = self.ref_engine(mb, self.cfg.rollout.temperature, with_entropy=False)[0].float()
         self.engine.train()
 
     def update(self, groups: list[Group], step: int) -> dict:
-        from grpo_core.losses import LossNormalizer
-        from grpo_core.metrics import MetricAccumulator
-
+        """ppo_epochs x mini_batches optimizer steps over the step's groups (docs/algorithms.md §3). A step whose
+        loss is not finite on some rank is skipped (weights and optimizer untouched). Metrics accumulate on the
+        device and are reduced once per step (grpo_core.metrics.UpdateMetrics)."""
         cfg = self.cfg
         t0 = time.time()
         m = cfg.trainer.mini_batches
@@ -297,12 +291,12 @@ class Trainer:
         # Old logprobs: reuse the update's own forward when exactly on-policy (ratio = 1 at the first pass).
         on_policy = cfg.trainer.ppo_epochs == 1 and len(minis) == 1 and self.ref_engine is None
         packed = [self._rank_micro_batches(mi) for mi in minis]
-        acc = MetricAccumulator()
+        metrics = UpdateMetrics()
         # The rollout/trainer mismatch compares the rollout engine's logprobs with the trainer's pre-update
-        # (old) ones, once per rollout batch: filled here, or made by the single on-policy pass below.
+        # (old) ones, once per rollout batch: here, or in the single on-policy pass below.
         if not on_policy:
             for mbs in packed:
-                self._fill_old_logprobs(mbs, acc)
+                self._fill_old_logprobs(mbs, metrics)
         t_old = time.time() - t0
         skipped = 0
         for _epoch in range(cfg.trainer.ppo_epochs):
@@ -310,38 +304,34 @@ class Trainer:
                 norm = LossNormalizer.from_step([mb.mask for mb in mbs], [mb.seq_ids for mb in mbs],
                                                 gen_max_len=cfg.rollout.max_new_tokens)
                 n_align = self._count_align_groups(minis[mi])
+                objective = PolicyObjective(cfg.algorithm, seed=cfg.trainer.seed, step=self.opt_steps,
+                                            backend=cfg.model.kernel_backend, with_kl=self.ref_engine is not None)
                 finite = True
                 for k, mb in enumerate(mbs):
                     self.engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
-                    loss, metrics, old = self._micro_batch_loss(mb, norm, n_align, on_policy)
-                    if on_policy:
-                        _add_mismatch(acc, old, mb)
-                    ok = bool(torch.isfinite(loss))  # one host sync per micro-batch, not per token
-                    if not ok:
+                    loss = self._micro_batch_loss(objective, mb, norm, n_align, on_policy, metrics)
+                    # The one host sync per micro-batch: a NaN/inf loss must not reach backward, whose NaN
+                    # gradients ZeRO-3 would keep past zero_grad(); a zero loss through every parameter
+                    # replaces it so the collectives stay in step. (Metrics stay on the device.)
+                    if not bool(torch.isfinite(loss)):
                         finite = False
                         loss = self._zero_touch(mb)
-                    self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
-                    acc.add_dict({k: v.nan_to_num(0.0, 0.0, 0.0) for k, v in metrics.items()}, reduce="sum")
+                    self.engine.backward(loss * backward_scale(self.dist.world_size), scale_wrt_gas=False)
                 finite = gdist.all_reduce_max_int(0 if finite else 1, self.device) == 0
                 lr = lr_at(cfg, self.opt_steps)
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = lr
+                metrics.optimizer_steps += 1
                 if finite:
                     self.engine.step()
                     self.opt_steps += 1
                 else:  # a non-finite loss: drop this step's gradients, leave weights and optimizer untouched
                     skipped += 1
                     self.engine.zero_grad()
-        if not packed:  # dynamic sampling kept no group: nothing to train on this step
-            return {"lr": lr_at(cfg, max(self.opt_steps - 1, 0)), "train/skipped_steps": 0.0,
-                    "time/old_logprob_s": 0.0, "time/update_s": time.time() - t0}
-        out = acc.compute()
-        out = {_rename(k): v / (cfg.trainer.ppo_epochs * len(packed)) if k.startswith(("loss/", "actor/")) else v
-               for k, v in out.items()}
-        out.update(self._ratio_metrics(out))
+        out = metrics.compute() if packed else {}  # dynamic sampling may keep no group: nothing to train on
         out.update({"lr": lr_at(cfg, max(self.opt_steps - 1, 0)), "train/skipped_steps": float(skipped),
-                    "time/old_logprob_s": t_old, "time/update_s": time.time() - t0})
-        gn = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
+                    "time/old_logprob_s": t_old if packed else 0.0, "time/update_s": time.time() - t0})
+        gn = self.engine.get_global_grad_norm() if packed and hasattr(self.engine, "get_global_grad_norm") else None
         if gn is not None:
             out["grad_norm"] = float(gn)
         return out
@@ -356,124 +346,24 @@ class Trainer:
             return 0
         return sum(1 for g in groups if sum(1 for s in g.samples if s.correct and s.anchor is not None) >= 2)
 
-    def _micro_batch_loss(self, mb: MicroBatch, norm, n_align: int, on_policy: bool):
-        """Loss of one packed micro-batch (its share of the optimizer step's loss) and metric tensors. Every
-        micro-batch on every rank returns the same metric keys, so they reduce in one collective."""
-        from kernels import clipped_policy_loss, gspo_policy_loss
-
-        from grpo_core.advantages import fipo_weights
-        from grpo_core.losses import kl_penalty, policy_objective, tis_weights
-
-        cfg, a = self.cfg, self.cfg.algorithm
-        # NSR draws: Philox keyed by the run seed, counters (global token id, optimizer step): independent of
-        # micro-batching and of the number of ranks.
-        common = dict(eps_low=a.eps_low, eps_high=a.eps_high, nsr=a.nsr, nsr_prob=a.nsr_prob, nsr_band=a.nsr_band,
-                      seed=cfg.trainer.seed, step=self.opt_steps % 2**32)
-        if cfg.model.fused_lm_head_loss:
-            loss_fn, sums = self._token_loss_fn(mb, norm, on_policy, common)
-            total, logprob, entropy, anchor_h = self.engine(mb, cfg.rollout.temperature, with_entropy=True,
-                                                            loss_fn=loss_fn)
-            old = logprob if on_policy else mb.old_logprob
-            st = {k: sums[k] for k in ("n_clip_low", "n_clip_high", "n_rescued")}
-            metrics = {"loss/policy": sums["policy"], "actor/entropy": sums["entropy"],
-                       "loss/entropy_bonus": -a.entropy_coef * sums["entropy"]}
-            if self.ref_engine is not None:
-                metrics.update({"actor/kl_ref": sums["kl"], "loss/kl": a.kl_coef * sums["kl"]})
-            metrics["loss/total"] = total.detach()
+    def _micro_batch_loss(self, objective: PolicyObjective, mb: MicroBatch, norm: LossNormalizer, n_align: int,
+                          on_policy: bool, metrics: UpdateMetrics) -> torch.Tensor:
+        """One packed micro-batch's share of the optimizer step's loss (losses.PolicyObjective), its metrics
+        recorded. With model.fused_lm_head_loss the objective's token part runs inside the LM head's forward."""
+        temperature = self.cfg.rollout.temperature
+        if self.cfg.model.fused_lm_head_loss:
+            loss_fn = objective.token_loss_fn(mb, norm, on_policy)
+            total, logprob, entropy, anchor_h = self.engine(mb, temperature, with_entropy=True, loss_fn=loss_fn)
+            loss, terms = objective.finish(total, anchor_h, n_align)
         else:
-            logprob, entropy, anchor_h = self.engine(mb, cfg.rollout.temperature, with_entropy=True)
-            old = logprob.detach() if on_policy else mb.old_logprob
-            adv = mb.advantages
-            if a.fipo:
-                adv = adv * fipo_weights(logprob.detach(), old, mb.mask, adv, seq_ids=mb.seq_ids, tau=a.fipo_tau,
-                                         eps_f=a.fipo_eps, high_only=a.fipo_high_only)
-            if a.policy_loss == "gspo":
-                starts = _seq_starts(mb.seq_ids)
-                cu = torch.cat([starts, starts.new_tensor([mb.seq_ids.numel()])])
-                per_tok, st = gspo_policy_loss(logprob, old, adv, mb.mask, cu,
-                                               seq_index=mb.token_index[starts] // cfg.rollout.max_new_tokens, **common)
-            else:
-                per_tok, st = clipped_policy_loss(logprob, old, adv, mb.mask, dual_clip=a.dual_clip,
-                                                  token_index=mb.token_index, backend=cfg.model.kernel_backend, **common)
-            if a.tis != "off":
-                per_tok = per_tok * tis_weights(old, mb.rollout_logprob, mb.mask, mb.seq_ids, level=a.tis, clip=a.tis_clip)
-            kl = kl_penalty(logprob, mb.ref_logprob, a.kl_type) if self.ref_engine is not None else None
-            total, metrics = policy_objective(per_tok, mb.mask, mb.seq_ids, a.loss_agg, norm, entropy=entropy,
-                                              entropy_coef=a.entropy_coef, kl=kl, kl_coef=a.kl_coef)
-        align = cos_sum = torch.zeros((), device=logprob.device)
-        n_here = 0
-        if n_align > 0 and anchor_h.shape[0] > 1:
-            from kernels import hidden_align_loss
-
-            n_here = _groups_with_pairs(mb.anchor_groups)
-            if n_here:
-                align_mean, cos = hidden_align_loss(anchor_h.float(), mb.anchor_groups)
-                align = align_mean * (n_here / n_align)  # this micro-batch's share of the step's group mean
-                total = total + a.hidden_align_coef * align
-                cos_sum = cos.detach() * n_here
-        masked = mb.mask.float()
-        lp_d = logprob.detach().float()
-        metrics.update({
-            "hidden_align/loss": align.detach(), "hidden_align/cos_sum": cos_sum,
-            "hidden_align/groups": torch.tensor(float(n_here)),
-            "tokens": masked.sum(),
-            "count/n_clip_low": st["n_clip_low"].float(), "count/n_clip_high": st["n_clip_high"].float(),
-            "count/n_rescued": st["n_rescued"].float(),
-            "entropy/sum": (entropy.detach().float() * masked).sum(),
-            "kl_old/sum": ((old - lp_d) * masked).sum(),
-        })
-        return total, metrics, old
-
-    def _token_loss_fn(self, mb: MicroBatch, norm, on_policy: bool, common: dict):
-        """The micro-batch's policy objective as a token-separable loss of (logprob, entropy) for
-        kernels.fused_token_loss: per chunk of rows, sum_t w_t (l_t - c_H H_t + c_KL kl_t) with the aggregation
-        as per-token weights w (losses.aggregation_weights). Same value and gradients as the unfused path;
-        `sums` collects the metric sums (detached) across chunks."""
-        from kernels import clipped_policy_loss
-
-        from grpo_core.losses import aggregation_weights, kl_penalty
-
-        a, backend = self.cfg.algorithm, self.cfg.model.kernel_backend
-        weights = aggregation_weights(mb.mask, mb.seq_ids, a.loss_agg, norm)
-        names = ("policy", "entropy", "kl", "n_clip_low", "n_clip_high", "n_rescued")
-        sums = {k: torch.zeros((), dtype=torch.float32, device=mb.mask.device) for k in names}
-
-        def weighted_sum(values, s, e):
-            # where(), not multiplication, as losses.aggregate: non-finite values at masked tokens are dropped.
-            return (torch.where(mb.mask[s:e], values.float(), 0.0) * weights[s:e]).sum()
-
-        def loss_fn(logprob, entropy, s, e):
-            old = logprob.detach() if on_policy else mb.old_logprob[s:e]
-            per_tok, st = clipped_policy_loss(logprob, old, mb.advantages[s:e], mb.mask[s:e], dual_clip=a.dual_clip,
-                                              token_index=mb.token_index[s:e], backend=backend, **common)
-            policy, ent = weighted_sum(per_tok, s, e), weighted_sum(entropy, s, e)
-            total = policy - a.entropy_coef * ent
-            sums["policy"] += policy.detach()
-            sums["entropy"] += ent.detach()
-            if self.ref_engine is not None:
-                kl = weighted_sum(kl_penalty(logprob, mb.ref_logprob[s:e], a.kl_type), s, e)
-                total = total + a.kl_coef * kl
-                sums["kl"] += kl.detach()
-            for k in ("n_clip_low", "n_clip_high", "n_rescued"):
-                sums[k] += st[k].float()
-            return total
-
-        return loss_fn, sums
-
-    def _ratio_metrics(self, out: dict) -> dict:
-        tokens = max(out.pop("tokens", 0.0), 1.0)
-        res = {
-            "clip/low_frac": out.pop("count/n_clip_low", 0.0) / tokens,
-            "clip/high_frac": out.pop("count/n_clip_high", 0.0) / tokens,
-            "nsr/rescue_frac": out.pop("count/n_rescued", 0.0) / tokens,
-            "entropy/mean": out.pop("entropy/sum", 0.0) / tokens,
-            "kl_old/approx": out.pop("kl_old/sum", 0.0) / tokens,
-            "mismatch/mean_abs": out.pop("mismatch/abs_sum", 0.0) / max(out.pop("mismatch/tokens", 0.0), 1.0),
-        }
-        groups = out.pop("hidden_align/groups", 0.0)
-        cos_sum = out.pop("hidden_align/cos_sum", 0.0)
-        res["hidden_align/cos"] = cos_sum / groups if groups else float("nan")
-        return res
+            logprob, entropy, anchor_h = self.engine(mb, temperature, with_entropy=True)
+            loss, terms = objective(mb, norm, logprob, entropy, on_policy, anchor_h, n_align)
+        old = logprob.detach() if on_policy else mb.old_logprob
+        if on_policy:
+            metrics.add_mismatch(old, mb.rollout_logprob, mb.mask)
+        metrics.add_objective(terms)
+        metrics.add_tokens(logprob, old, entropy, mb.mask)
+        return loss
 
     # ------------------------------------------------------------------------------------------ loop
     def evaluate(self) -> dict:
@@ -592,32 +482,6 @@ def _mix(*values: int) -> int:
         h ^= (int(v) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
         h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     return h & 0x7FFFFFFFFFFFFFFF
-
-
-def _seq_starts(seq_ids: torch.Tensor) -> torch.Tensor:
-    first = torch.ones_like(seq_ids, dtype=torch.bool)
-    first[1:] = seq_ids[1:] != seq_ids[:-1]
-    return first.nonzero().squeeze(1)
-
-
-def _add_mismatch(acc, old_logprob: torch.Tensor, mb: MicroBatch) -> None:
-    """Rollout-engine vs trainer (old, pre-update) logprob mismatch of one micro-batch into the step's sums."""
-    masked = mb.mask.float()
-    diff = ((old_logprob.detach().float() - mb.rollout_logprob).abs() * masked).nan_to_num(0.0, 0.0, 0.0)
-    acc.add("mismatch/abs_sum", diff.sum(), reduce="sum")
-    acc.add("mismatch/tokens", masked.sum(), reduce="sum")
-    acc.add("mismatch/max_abs", diff.max() if diff.numel() else diff.new_zeros(()), reduce="max")
-
-
-def _groups_with_pairs(group_ids: torch.Tensor) -> int:
-    if group_ids.numel() == 0:
-        return 0
-    _, counts = torch.unique(group_ids, return_counts=True)
-    return int((counts >= 2).sum())
-
-
-def _rename(key: str) -> str:
-    return {"actor/entropy": "loss/entropy_agg"}.get(key, key)
 
 
 def train(cfg: Config, resume: str = "none", force: bool = False) -> dict:
