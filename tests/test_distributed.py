@@ -38,14 +38,21 @@ def _env(**extra):
     return env
 
 
-def _train(out: Path, *extra, nproc: int = 1, env_extra=None, check=True):
-    args = ["configs/demo_cpu.yaml"] + sum((["--set", s] for s in TINY + [f"trainer.output_dir={out}"]
-                                            + list(extra)), [])
+def _train_cmd(out: Path, *extra, nproc: int = 1, script=None) -> list[str]:
+    """`grpo train` on the tiny recipe; `extra` holds KEY=VALUE overrides and flags (--resume auto, ...)."""
+    sets = [s for s in extra if not s.startswith("--") and "=" in s]
+    flags = [s for s in extra if s not in sets]
+    args = ["configs/demo_cpu.yaml"] + sum((["--set", s] for s in TINY + [f"trainer.output_dir={out}"] + sets),
+                                           []) + flags
+    entry = [script] if script else ["-m", "grpo_core"]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "grpo_core", "train"] + args
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), "-m", "grpo_core", "train"] + args
+        return [sys.executable] + entry + ["train"] + args
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(_free_port())] + entry + ["train"] + args
+
+
+def _train(out: Path, *extra, nproc: int = 1, env_extra=None, check=True, script=None):
+    cmd = _train_cmd(out, *extra, nproc=nproc, script=script)
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(**(env_extra or {})), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -89,37 +96,40 @@ def test_two_ranks_match_one_rank(tmp_path, fused):
 
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_exact(tmp_path):
-    """A run SIGKILLed after step 3 (checkpoint at step 2) and resumed with --resume auto reaches the same
-    weights and metrics as an uninterrupted run, bit for bit."""
-    common = ["trainer.max_steps=4", "checkpoint.save_every=2", "checkpoint.keep_last=3"]
+    """A run SIGKILLed after step 3 (checkpoints at steps 1, 2, 3), whose newest checkpoint then loses 4 bytes
+    to disk damage, resumes with --resume auto from step 2 (saying it skipped step 3 and why) and reaches the
+    same weights and metrics as an uninterrupted run, bit for bit."""
+    common = ["trainer.max_steps=4", "checkpoint.save_every=1", "checkpoint.keep_last=3"]
     _train(tmp_path / "straight", *common)
-    killed = _train(tmp_path / "resumed", *common, env_extra={"GRPO_FAULT_INJECT": "kill_after_step=3"},
-                    check=False)
-    assert killed.returncode != 0  # SIGKILL
-    assert find_checkpoint(tmp_path / "resumed", "auto").name == "step_000002"
-    proc = subprocess.run([sys.executable, "-m", "grpo_core", "train", "configs/demo_cpu.yaml", "--resume", "auto"]
-                          + sum((["--set", s] for s in TINY + common + [f"trainer.output_dir={tmp_path / 'resumed'}"]),
-                                []), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "resumed from" in proc.stdout
+    killed = _train(tmp_path / "resumed", *common, env_extra={"GRPO_TEST_KILL_AFTER_STEP": "3"}, check=False,
+                    script=str(ROOT / "tests" / "fault_run.py"))
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL
+    root = tmp_path / "resumed" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000001", "step_000002", "step_000003"]
+    optim = next((root / "step_000003" / "ds").rglob("*optim_states.pt"))
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 4])
+    optim.write_bytes(bytes(data))
+    proc = _train(tmp_path / "resumed", *common, "--resume", "auto")
+    assert "resumed from" in proc.stdout and "step_000002 at step 2" in proc.stdout
+    assert "skipped step_000003" in proc.stdout and "optim_states.pt fails its sha256 check" in proc.stdout
     wa, wb = _final_weights(tmp_path / "straight", 4), _final_weights(tmp_path / "resumed", 4)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert _train_rows(tmp_path / "straight") == _train_rows(tmp_path / "resumed")
+    assert (root / "latest").read_text() == "step_000004"
+    assert find_checkpoint(tmp_path / "resumed", "auto").name == "step_000004"
+    assert [p.name for p in root.glob("step_000003.replaced-*")]  # the damaged one is kept aside, not deleted
 
 
 @pytest.mark.slow
 def test_resume_with_changed_config_is_refused(tmp_path):
     _train(tmp_path, "trainer.max_steps=1")
-    args = ["configs/demo_cpu.yaml", "--resume", "auto"] + sum(
-        (["--set", s] for s in TINY + [f"trainer.output_dir={tmp_path}", "trainer.max_steps=3", "trainer.lr=1e-1"]), [])
-    proc = subprocess.run([sys.executable, "-m", "grpo_core", "train"] + args, cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
-    assert "trainer.lr" in proc.stderr and "--force" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "grpo_core", "train"] + args + ["--force"], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _train(tmp_path, "trainer.max_steps=3", "trainer.lr=1e-1", "--resume", "auto", check=False)
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()[-1:]
+    assert "trainer.lr" in line and "--force" in line and "Traceback" not in proc.stderr
+    _train(tmp_path, "trainer.max_steps=3", "trainer.lr=1e-1", "--resume", "auto", "--force")
 
 
 class _FakeEngine:
@@ -129,37 +139,41 @@ class _FakeEngine:
             f.write(b"x" * 100)
 
 
-def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import grpo_core.checkpoint as ckpt_mod
+
     state = {"step": 1}
-    save_checkpoint(tmp_path, 1, engine=_FakeEngine(), trainer_state=state, rank=0, export_hf=None, keep_last=2)
+    save_checkpoint(tmp_path, 1, engine=_FakeEngine(), trainer_state=state, rank=0, export_hf=None, keep_last=2,
+                    run_id="r1")
     assert find_checkpoint(tmp_path, "auto").name == "step_000001"
 
-    def crash(stage):
-        if stage == "before_complete":
-            raise RuntimeError("simulated crash")
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash")
 
-    with pytest.raises(RuntimeError, match="simulated"):
-        save_checkpoint(tmp_path, 2, engine=_FakeEngine(), trainer_state={"step": 2}, rank=0, export_hf=None,
-                        keep_last=2, crash_hook=crash)
+    with monkeypatch.context() as m:  # killed while writing the manifest (the last file)
+        m.setattr(ckpt_mod, "write_manifest", crash)
+        with pytest.raises(RuntimeError, match="simulated"):
+            save_checkpoint(tmp_path, 2, engine=_FakeEngine(), trainer_state={"step": 2}, rank=0, export_hf=None,
+                            keep_last=2, run_id="r1")
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text() == "step_000001"
     assert not (root / "step_000002").exists()
     assert find_checkpoint(tmp_path, "auto").name == "step_000001"
 
-    def crash_late(stage):  # renamed into place but `latest` not yet updated: the complete one is still found
-        if stage == "before_latest":
-            raise RuntimeError("simulated crash")
-
-    with pytest.raises(RuntimeError):
-        save_checkpoint(tmp_path, 3, engine=_FakeEngine(), trainer_state={"step": 3}, rank=0, export_hf=None,
-                        keep_last=2, crash_hook=crash_late)
+    with monkeypatch.context() as m:  # renamed into place but `latest` not yet updated
+        m.setattr(ckpt_mod, "_atomic_write_text", crash)
+        with pytest.raises(RuntimeError):
+            save_checkpoint(tmp_path, 3, engine=_FakeEngine(), trainer_state={"step": 3}, rank=0, export_hf=None,
+                            keep_last=2, run_id="r1")
     assert (root / "latest").read_text() == "step_000001"  # the pointer lags ...
     assert find_checkpoint(tmp_path, "auto").name == "step_000003"  # ... but the newest complete one wins
     # a new successful save cleans stale temporaries and keeps the last 2
-    save_checkpoint(tmp_path, 4, engine=_FakeEngine(), trainer_state={"step": 4}, rank=0, export_hf=None, keep_last=2)
+    save_checkpoint(tmp_path, 4, engine=_FakeEngine(), trainer_state={"step": 4}, rank=0, export_hf=None, keep_last=2,
+                    run_id="r1")
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000003", "step_000004"]
     assert not list(root.glob(".tmp-*"))
     assert (root / "step_000004" / COMPLETE).exists()
+    assert (root / "latest").read_text() == "step_000004"
 
 
 def test_extension_build_locks_never_hang(tmp_path, monkeypatch, capsys):
