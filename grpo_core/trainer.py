@@ -343,6 +343,10 @@ class Trainer:
             self.opt_steps += 1
             self._consecutive_skips = 0
             return True
+        # DeepSpeed's engine.zero_grad() only clears param.grad: the ZeRO optimizer's own zero_grad also drops the
+        # reduced gradient partitions and restarts accumulation, else they would be added into the next step.
+        if hasattr(self.engine.optimizer, "zero_grad"):
+            self.engine.optimizer.zero_grad(set_to_none=True)
         self.engine.zero_grad()
         self._consecutive_skips += 1
         limit = self.cfg.trainer.max_consecutive_skips
@@ -578,6 +582,7 @@ class Trainer:
             tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
             tmp.replace(self.out / "summary.json")
         self.log.close()
+        gdist.barrier()  # every rank exits after the summary is written (a launcher may kill the rest at the first exit)
         return summary
 
     # ------------------------------------------------------------------------------------------ checkpoints

@@ -214,3 +214,67 @@ def test_deepspeed_does_not_build_the_shm_op(tmp_path):
                           env=_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / "ext").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_saves_and_resumes(tmp_path):
+    """SIGTERM (what SLURM and Kubernetes send to every process before killing) to a 2-rank torchrun job: both
+    ranks finish the current step, save a checkpoint, write the summary and exit with code 75 and one line, no
+    traceback; --resume auto then carries the run to its end."""
+    import signal
+    import time
+
+    from grpo_core.checkpoint import verify_checkpoint
+
+    out = tmp_path / "run"
+    cmd = _train_cmd(out, "trainer.max_steps=40", "checkpoint.save_every=0", "algorithm.hidden_align_coef=0",
+                     nproc=2)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 500
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+            if any('"phase": "train"' in r for r in rows):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)  # every process of the job: the launcher and both ranks
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "Traceback" not in stderr, stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and 1 <= summary["steps"] < 40, summary
+    step = summary["steps"]
+    assert f"grpo train: stopped by SIGTERM after step {step}; saved {out / 'checkpoints' / f'step_{step:06d}'}" \
+        in stderr, stderr[-3000:]
+    assert proc.returncode != 0  # torchrun reports the stopped workers (each exited 75)
+    ckpt = find_checkpoint(out, "auto")
+    assert ckpt.name == f"step_{step:06d}" and verify_checkpoint(ckpt) is None
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if r["phase"] == "train") == step
+    _train(out, f"trainer.max_steps={step + 1}", "checkpoint.save_every=0", "algorithm.hidden_align_coef=0",
+           "--resume", "auto", nproc=2)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["phase"] == "train"] == list(range(1, step + 2))
+    assert json.loads((out / "summary.json").read_text())["steps"] == step + 1
+
+
+def test_sigterm_single_process_exit_code(tmp_path):
+    """Without a launcher the exit code is the run's own: 75 after SIGTERM, with one line and no traceback."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = _train_cmd(out, "trainer.max_steps=40", "checkpoint.save_every=0", "warm_start.steps=0",
+                     "trainer.eval_max_prompts=1", "checkpoint.export_hf=false")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr and "grpo train: stopped by SIGTERM after step" in stderr

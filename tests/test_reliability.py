@@ -283,3 +283,56 @@ def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monke
     root = tmp_path / "checkpoints"
     assert not list(root.glob(".tmp-*")) and not (root / "step_000002").exists()
     assert find_checkpoint(tmp_path, "auto").name == "step_000001" and (root / "latest").read_text() == "step_000001"
+
+
+# ------------------------------------------------------------------------------------------------ non-finite steps
+
+TINY = [
+    "model.tiny_hidden_size=32", "model.tiny_num_layers=1", "model.tiny_num_heads=2", "model.tiny_num_kv_heads=1",
+    "model.tiny_intermediate_size=64", "model.kernel_backend=torch", "data.synthetic_kinds=[arith]",
+    "data.synthetic_level=1", "data.synthetic_train_size=64", "data.synthetic_eval_size=0",
+    "data.prompt_template={prompt}\n", "rollout.group_size=4", "rollout.max_new_tokens=8",
+    "trainer.train_batch_prompts=4", "trainer.device=cpu", "trainer.lr=1e-3", "logging.progress_bar=false",
+    "logging.tensorboard=false", "logging.plot=false", "warm_start.steps=0", "algorithm.dynamic_sampling=false",
+]
+
+
+def _optimizer_step_count(trainer) -> int:
+    steps = {int(st["step"]) for st in trainer.engine.optimizer.optimizer.state.values() if "step" in st}
+    return steps.pop() if steps else 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_non_finite_gradient_is_skipped_counted_and_stops_the_run(tmp_path):
+    """A non-finite gradient with a finite loss used to step the weights to NaN (DeepSpeed checks only under fp16
+    loss scaling) and let the trainer's step counter drift from the optimizer's."""
+    from grpo_core.config import load_config
+    from grpo_core.errors import NonFiniteError
+    from grpo_core.trainer import Trainer
+
+    trainer = Trainer(load_config(None, TINY + [f"trainer.output_dir={tmp_path}", "trainer.max_consecutive_skips=2"]))
+
+    def batch(step):
+        groups, _ = trainer.rollout(step)
+        for g in groups:
+            for i, s in enumerate(g.samples):
+                s.reward, s.correct = float(i % 2), bool(i % 2)
+        trainer.assign_advantages(groups)
+        return groups
+
+    out = trainer.update(batch(1), step=1)
+    assert out["train/skipped_steps"] == 0.0 and trainer.opt_steps == 1 == _optimizer_step_count(trainer)
+    before = {k: v.clone() for k, v in trainer.gathered_state_dict().items()}
+    param = next(p for n, p in trainer.module.named_parameters() if "mlp" in n)
+    handle = param.register_hook(lambda g: g * float("nan"))
+    out = trainer.update(batch(2), step=2)
+    assert out["train/skipped_steps"] == 1.0
+    assert trainer.opt_steps == 1 == _optimizer_step_count(trainer)  # counters stay equal
+    for k, v in trainer.gathered_state_dict().items():
+        assert torch.equal(v, before[k]), k  # weights untouched, finite
+    with pytest.raises(NonFiniteError, match=r"stopped at step 3: 2 optimizer steps in a row .*max_consecutive_skips"):
+        trainer.update(batch(3), step=3)
+    handle.remove()
+    trainer._consecutive_skips = 0
+    out = trainer.update(batch(4), step=4)  # finite again: trains
+    assert out["train/skipped_steps"] == 0.0 and trainer.opt_steps == 2 == _optimizer_step_count(trainer)
