@@ -64,21 +64,14 @@ def check_data_file(path: str, key: str) -> None:
         raise PreflightError(f"{key}: '{path}' is not a file")
     if p.stat().st_size == 0:
         raise PreflightError(f"{key}: '{path}' is empty")
-    if p.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
+    from grpo_core.data.io import DataError, read_records
 
-        try:
-            rows = pq.read_metadata(p).num_rows
-        except Exception as e:  # pyarrow raises several types for a corrupt file
-            raise PreflightError(f"{key}: '{path}' is not a readable parquet file ({e})") from None
-        if rows == 0:
-            raise PreflightError(f"{key}: '{path}' has 0 rows")
-    else:
-        try:
-            with open(p, "rb") as f:
-                f.read(1)
-        except OSError as e:
-            raise PreflightError(f"{key}: '{path}' cannot be read ({e.strerror})") from None
+    try:  # the format-level read (parquet / JSON Lines), as the run will do it, before anything is written
+        rows, _ = read_records(p)
+    except DataError as e:
+        raise PreflightError(f"{key}: {e}") from None
+    if not rows:
+        raise PreflightError(f"{key}: '{path}' has 0 rows")
 
 
 def check_train(cfg: Config, resume: str = "none") -> None:
