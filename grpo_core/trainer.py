@@ -17,7 +17,6 @@ not depend on the number of ranks or on micro-batching.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 import uuid

@@ -244,7 +244,8 @@ def test_sigterm_under_torchrun_saves_and_resumes(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert "Traceback" not in stderr, stderr[-4000:]
+    # torchrun's own agent prints a traceback for the SIGTERM it got (SignalException); no frame is ours
+    assert 'grpo_core/' not in stderr and "KeyboardInterrupt" not in stderr, stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_by"] == "SIGTERM" and 1 <= summary["steps"] < 40, summary
     step = summary["steps"]
