@@ -27,6 +27,8 @@ ARCHIVE_PREFIX = "previous-"
 # What a run writes into its output directory; any of these marks the directory as holding a run.
 RUN_ARTEFACTS = ("checkpoints", "metrics.jsonl", "summary.json", "warm_start_model", "base_model", "data", "tb",
                  "curves.png")
+# Of those, what only a run that trained writes (the rest is derived at start-up from the config and seed).
+TRAINED_ARTEFACTS = ("checkpoints", "metrics.jsonl", "summary.json")
 
 
 def _proc_start_ticks(pid: int) -> Optional[int]:
@@ -167,6 +169,7 @@ def claim_output_dir(output_dir: str | Path, *, resume: str, force: bool, say=pr
     d = Path(output_dir)
     if d.exists() and not d.is_dir():
         raise OutputDirError(f"trainer.output_dir {d} exists and is not a directory")
+    ran_here = (d / LOCK_NAME).exists()  # a grpo run held this directory before (the lock file is never deleted)
     lock = RunLock(d).acquire()
     try:
         if lock.took_over:
@@ -175,7 +178,15 @@ def claim_output_dir(output_dir: str | Path, *, resume: str, force: bool, say=pr
         used = run_artefacts(d)
         if not used:
             return lock
+        trained = [n for n in used if n in TRAINED_ARTEFACTS]
         if resume in (None, "", "none"):
+            if not trained and ran_here and not force:
+                # A start that failed before its first step (e.g. a bad model file) left only derived files:
+                # keep them aside rather than make the corrected run fight them.
+                dest = archive_previous_run(d)
+                say(f"[grpo] note: the previous start in {d} stopped before its first step; moved its files "
+                    f"({', '.join(used)}) into {dest}")
+                return lock
             if not force:
                 raise OutputDirError(
                     f"output_dir {d} holds a previous run ({', '.join(used)}); continue it with --resume auto, "

@@ -206,6 +206,15 @@ def test_reuse_without_resume_is_refused_and_force_archives(tmp_path):
     claim_output_dir(out, resume="auto", force=False, say=said.append).release()
     assert "no checkpoint" in said[-1] and not (out / "metrics.jsonl").exists()
     assert len([p for p in out.iterdir() if p.name.startswith("previous-")]) == 2
+    # a start that failed before step 1 (only derived files) does not block the corrected run: moved aside
+    (out / "base_model").mkdir()
+    claim_output_dir(out, resume="none", force=False, say=said.append).release()
+    assert "stopped before its first step" in said[-1] and not (out / "base_model").exists()
+    # ... but derived-looking files no grpo run wrote (no lock file ever) are refused, not moved
+    other = tmp_path / "users_dir"
+    (other / "data").mkdir(parents=True)
+    with pytest.raises(OutputDirError, match=r"holds a previous run \(data\)"):
+        claim_output_dir(other, resume="none", force=False)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
