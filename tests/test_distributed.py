@@ -263,19 +263,23 @@ def test_sigterm_under_torchrun_saves_and_resumes(tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 1
 
 
-def test_sigterm_single_process_exit_code(tmp_path):
-    """Without a launcher the exit code is the run's own: 75 after SIGTERM, with one line and no traceback."""
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 75), ("SIGINT", 130)])
+def test_signal_single_process_exit_code(tmp_path, sig, code):
+    """Without a launcher the exit code is the run's own: 75 after SIGTERM, 130 after Ctrl-C (SIGINT to the
+    whole process group, as a terminal sends it), with one line and no traceback."""
     import signal
     import time
 
     out = tmp_path / "run"
     cmd = _train_cmd(out, "trainer.max_steps=40", "checkpoint.save_every=0", "warm_start.steps=0",
                      "trainer.eval_max_prompts=1", "checkpoint.export_hf=false")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not (out / "metrics.jsonl").exists():
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, getattr(signal, sig))
     _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 75, stderr[-3000:]
-    assert "Traceback" not in stderr and "grpo train: stopped by SIGTERM after step" in stderr
+    assert proc.returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr and f"grpo train: stopped by {sig} after step" in stderr
+    assert json.loads((out / "summary.json").read_text())["stopped_by"] == sig
