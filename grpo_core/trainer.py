@@ -17,10 +17,9 @@ not depend on the number of ranks or on micro-batching.
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -85,9 +84,10 @@ class Trainer:
         self.device = self.dist.device
         self.out = Path(cfg.trainer.output_dir)
         set_seed(cfg.trainer.seed)
-        from grpo_core.checkpoint import find_checkpoint
-
-        self._resume_from = find_checkpoint(self.out, resume)
+        self._resume_from = self._select_checkpoint(resume)
+        self.run_id = uuid.uuid4().hex[:12]  # names this run's checkpoints (retention); a resume keeps its own
+        self._consecutive_skips = 0
+        self._saved_step = -1
         # tokenizer, model dir, datasets, verifier, warm start (skipped when resuming: the checkpoint has it)
         self.run = prepare_run(cfg, self.dist, resuming=self._resume_from is not None)
         self.tokenizer = self.run.tokenizer
@@ -101,10 +101,6 @@ class Trainer:
         self.dyn = DynamicSamplingBuffer(cfg.trainer.train_batch_prompts, cfg.algorithm.max_gen_batches)
         self.eval_before: Optional[float] = None
         self._maybe_resume(force)
-        # Test seam for the kill-and-resume tests: GRPO_FAULT_INJECT="kill_after_step=N" SIGKILLs this process
-        # right after step N is logged (and checkpointed, if due).
-        fault = os.environ.get("GRPO_FAULT_INJECT", "")
-        self._kill_after = int(fault.split("=", 1)[1]) if fault.startswith("kill_after_step=") else None
         from grpo_core.tracking import MetricsLogger
 
         self.log = MetricsLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
@@ -322,12 +318,8 @@ class Trainer:
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = lr
                 metrics.optimizer_steps += 1
-                if finite:
-                    self.engine.step()
-                    self.opt_steps += 1
-                else:  # a non-finite loss: drop this step's gradients, leave weights and optimizer untouched
+                if not self._optimizer_step(finite, step):
                     skipped += 1
-                    self.engine.zero_grad()
         out = metrics.compute() if packed else {}  # dynamic sampling may keep no group: nothing to train on
         out.update({"lr": lr_at(cfg, max(self.opt_steps - 1, 0)), "train/skipped_steps": float(skipped),
                     "time/old_logprob_s": t_old if packed else 0.0, "time/update_s": time.time() - t0})
@@ -335,6 +327,44 @@ class Trainer:
         if gn is not None:
             out["grad_norm"] = float(gn)
         return out
+
+    def _optimizer_step(self, loss_finite: bool, step: int) -> bool:
+        """One optimizer step, unless the loss (on any rank) or a gradient is non-finite: then the gradients are
+        dropped and weights, optimizer state and the optimizer-step counter stay as they were (the same on every
+        rank). trainer.max_consecutive_skips skips in a row stop the run (NonFiniteError)."""
+        from grpo_core.errors import NonFiniteError
+
+        finite = loss_finite and self._grads_finite()
+        if finite:
+            self.engine.step()
+            self.opt_steps += 1
+            self._consecutive_skips = 0
+            return True
+        # DeepSpeed's engine.zero_grad() only clears param.grad: the ZeRO optimizer's own zero_grad also drops the
+        # reduced gradient partitions and restarts accumulation, else they would be added into the next step.
+        if hasattr(self.engine.optimizer, "zero_grad"):
+            self.engine.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
+        self._consecutive_skips += 1
+        limit = self.cfg.trainer.max_consecutive_skips
+        if self.dist.is_main:
+            print(f"[grpo] step {step}: non-finite {'loss' if not loss_finite else 'gradient'}, optimizer step "
+                  f"skipped ({self._consecutive_skips} in a row, limit {limit})", flush=True)
+        if self._consecutive_skips >= limit:
+            raise NonFiniteError(
+                f"stopped at step {step}: {limit} optimizer steps in a row had a non-finite loss or gradient "
+                f"(trainer.max_consecutive_skips); the weights are unchanged since the last good step and the last "
+                f"checkpoint is kept; lower trainer.lr, check the data and model, then --resume auto")
+        return False
+
+    def _grads_finite(self) -> bool:
+        """Whether every gradient of this optimizer step is finite, on all ranks. DeepSpeed checks this only for
+        fp16 loss scaling; in fp32/bf16 a non-finite gradient would step the weights to NaN."""
+        opt = getattr(self.engine, "optimizer", None)
+        if hasattr(opt, "has_overflow"):  # ZeRO 1-3: the reduced gradient partitions, all-reduced over ranks
+            return not opt.has_overflow(partition_gradients=True)
+        bad = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in self.module.parameters())
+        return gdist.all_reduce_max_int(int(bad), self.device) == 0
 
     def _zero_touch(self, mb: MicroBatch) -> torch.Tensor:
         """A zero loss through every parameter, replacing a non-finite one so collectives stay in step."""
@@ -380,20 +410,23 @@ class Trainer:
         return res
 
     def fit(self) -> dict:
+        from grpo_core.preempt import STOP
+
         cfg = self.cfg
-        if self.step == 0 and self.run.eval_set is not None:
+        if self.step == 0 and self.run.eval_set is not None and not self._stop_requested():
             res = self.evaluate()
             self.eval_before = res["accuracy"]
             self.log.log(0, res, phase="eval")
             self.log.write(f"held-out accuracy before RL: {res['accuracy']:.3f} ({res['n']} prompts)")
-        while self.step < cfg.trainer.max_steps:
+        while self.step < cfg.trainer.max_steps and not self._stop_requested():
             step = self.step + 1
             t_sync = self.sync_rollout_weights()
             groups, metrics = self.rollout(step)                # rollout + verify + reward (+ dynamic sampling)
             self.rollout_engine.sleep()                         # the engine frees its weights (+ KV cache) for the update
             self.assign_advantages(groups)                      # advantage (+ EDAS)
             metrics.update(self.update(groups, step))           # loss + optimizer steps
-            metrics.update({"time/weight_sync_s": t_sync, "time/elapsed_s": time.time() - self.t0})
+            metrics.update({"time/weight_sync_s": t_sync, "time/elapsed_s": time.time() - self.t0,
+                            "train/opt_steps": float(self.opt_steps)})
             if self.device.type == "cuda":
                 metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             self.step = step
@@ -403,31 +436,48 @@ class Trainer:
                 self.log.log(step, self.evaluate(), phase="eval")
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
                 self.save()
-            if self._kill_after == step:
-                os.kill(os.getpid(), signal.SIGKILL)
+        if self._stopped_by is not None:
+            return self.finish(stopped_by=STOP.signal_name or self._stopped_by)
         return self.finish()
 
-    def finish(self) -> dict:
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM / SIGUSR1 / SIGINT (collective: all ranks stop after the same step)."""
+        from grpo_core.preempt import STOP
+
+        if gdist.all_reduce_max_int(int(STOP.requested), self.device):
+            self._stopped_by = STOP.signal_name or "a signal on another rank"
+            return True
+        return False
+
+    def finish(self, stopped_by: Optional[str] = None) -> dict:
         summary = {"steps": self.step, "eval_accuracy_before_rl": self.eval_before}
-        if self.run.eval_set is not None:
+        if stopped_by is None and self.run.eval_set is not None:
             res = self.evaluate()
             self.log.log(self.step, res, phase="eval")
             summary["eval_accuracy_after_rl"] = res["accuracy"]
             self.log.write(f"held-out accuracy after RL: {res['accuracy']:.3f} (before: {self.eval_before})")
-        if not (self.out / "checkpoints" / f"step_{self.step:06d}").exists():
+        ckpt = self.out / "checkpoints" / f"step_{self.step:06d}"
+        if self.step > 0 and self._saved_step != self.step:
             self.save()
         summary.update(self.run.warm_start_summary)
         summary["wall_seconds"] = time.time() - self.t0
-        summary["final_checkpoint"] = str(self.out / "checkpoints" / f"step_{self.step:06d}" / "hf")
+        summary["final_checkpoint"] = str(ckpt / "hf") if ckpt.exists() else None
+        summary["checkpoint"] = str(ckpt) if ckpt.exists() else None
+        summary["opt_steps"] = self.opt_steps
+        if stopped_by is not None:
+            summary["stopped_by"] = stopped_by
         if self.dist.is_main:
             import json
 
-            if self.cfg.logging.plot:
+            if self.cfg.logging.plot and stopped_by is None:
                 from grpo_core.tracking import plot_curves
 
                 plot_curves(self.out / "metrics.jsonl", self.out / "curves.png", title="grpo-core")
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+            tmp = self.out / ".summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+            tmp.replace(self.out / "summary.json")
         self.log.close()
+        gdist.barrier()  # every rank exits after the summary is written (a launcher may kill the rest at the first exit)
         return summary
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -435,7 +485,7 @@ class Trainer:
         return {"step": self.step, "opt_steps": self.opt_steps, "sampler": self.sampler.state_dict(),
                 "dynamic_sampling": self.dyn.state_dict(), "eval_accuracy_before_rl": self.eval_before,
                 "warm_start": self.run.warm_start_summary,
-                "world_size": self.dist.world_size, "config": self.cfg.to_dict()}
+                "world_size": self.dist.world_size, "config": self.cfg.to_dict(), "run_id": self.run_id}
 
     def save(self) -> None:
         from grpo_core.checkpoint import save_checkpoint
@@ -443,7 +493,8 @@ class Trainer:
         state = self.trainer_state()
         save_checkpoint(self.out, self.step, engine=self.engine, trainer_state=state, rank=self.dist.rank,
                         export_hf=self._export_hf if self.cfg.checkpoint.export_hf else None,
-                        keep_last=self.cfg.checkpoint.keep_last, crash_hook=getattr(self, "_crash_hook", None))
+                        keep_last=self.cfg.checkpoint.keep_last, run_id=self.run_id)
+        self._saved_step = self.step
 
     def _export_hf(self, directory: Path) -> None:
         sd = self.gathered_state_dict()
@@ -451,21 +502,42 @@ class Trainer:
             self.run.policy.save_pretrained(directory, state_dict=sd)
             self.tokenizer.save_pretrained(directory)
 
+    def _select_checkpoint(self, resume: str) -> Optional[Path]:
+        """Rank 0 picks (and verifies) the checkpoint to resume; every rank gets its choice."""
+        from grpo_core.checkpoint import select_checkpoint
+
+        self._stopped_by: Optional[str] = None
+        choice: tuple = (None, None)
+        if self.dist.is_main:
+            try:
+                ckpt = select_checkpoint(self.out, resume, say=lambda m: print(m, flush=True))
+                choice = (str(ckpt) if ckpt is not None else None, None)
+            except Exception as e:  # shared, so that every rank raises it instead of waiting
+                choice = (None, e)
+        path, error = gdist.all_gather_objects(choice)[0]
+        if error is not None:
+            raise error
+        return Path(path) if path is not None else None
+
     def _maybe_resume(self, force: bool) -> None:
         from grpo_core.checkpoint import load_rng, load_trainer_state
+        from grpo_core.errors import CheckpointError
 
         ckpt = self._resume_from
         if ckpt is None:
             return
         state = load_trainer_state(ckpt)
         diff = [d for d in config_diff(state["config"], self.cfg.to_dict())
-                if not d.startswith(("trainer.max_steps", "checkpoint.", "logging."))]
+                if not d.startswith(("trainer.max_steps", "trainer.max_consecutive_skips", "checkpoint.", "logging."))]
         if diff and not force:
-            raise SystemExit("refusing to resume from {}: the config differs:\n  {}\n(pass --force to resume anyway)"
-                             .format(ckpt, "\n  ".join(diff)))
+            shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+            raise CheckpointError(f"refusing to resume from {ckpt}: the config differs ({shown}); pass --force to "
+                                  f"resume anyway, or set a new trainer.output_dir to start fresh")
         self.engine.load_checkpoint(str(ckpt / "ds"), tag="state", load_optimizer_states=True,
                                     load_lr_scheduler_states=False)
         self.step, self.opt_steps = state["step"], state["opt_steps"]
+        self._saved_step = self.step
+        self.run_id = state.get("run_id") or self.run_id
         self.sampler.load_state_dict(state["sampler"])
         self.dyn.load_state_dict(state["dynamic_sampling"])
         self.eval_before = state.get("eval_accuracy_before_rl")
