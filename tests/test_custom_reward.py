@@ -12,6 +12,8 @@ from grpo_core.data.dataset import PromptDataset
 from grpo_core.data.io import DataError, write_dataset
 from grpo_core.scoring import RewardFunctionError, Scorer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: threads only add overhead
+
 REWARD_FILE = '''
 import json, os, time
 from pathlib import Path
