@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -324,6 +325,26 @@ def _tasks_of_uid(uid: int) -> int:
     return count
 
 
+def _wait_exit(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait for the child's exit, up to timeout_s; True if it exited. A pidfd wakes us the moment it exits
+    (Popen.wait with a timeout polls with sleeps of up to 50 ms)."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout=timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout_s)
+    finally:
+        os.close(fd)
+    if ready:
+        proc.wait()
+    return bool(ready)
+
+
 def _kill_group(pgid: int) -> None:
     for _ in range(50):
         try:
@@ -450,11 +471,8 @@ def _run(source: str, stdin: str, limits: SandboxLimits, tests: Optional[str], n
         for fd in list(fds):
             os.close(fd)
             fds.remove(fd)
-        timed_out = False
-        try:
-            proc.wait(timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        timed_out = not _wait_exit(proc, limits.timeout_s)
+        if timed_out:
             _kill_group(proc.pid)
             proc.wait()
         wall = time.monotonic() - t0
