@@ -271,7 +271,7 @@ class Scorer:
                 raise RewardFunctionError(f"config key '{key}': {exc}") from None
         self._pool = None
         self._call_pool = None
-        if r.verifier_workers > 0 and "math" in specs | {"ttrl"}:
+        if r.verifier_workers > 0 and specs & {"math", "ttrl"}:
             from grpo_core.verify.pool import VerifierPool
 
             self._pool = VerifierPool(workers=r.verifier_workers, timeout_s=r.verifier_timeout_s,

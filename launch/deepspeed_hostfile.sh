@@ -22,7 +22,7 @@ fi
 [[ -f "$HOSTFILE" ]] || { echo "error: HOSTFILE '$HOSTFILE' does not exist" >&2; exit 2; }
 
 # Hosts = non-empty, non-comment lines.
-hosts=$(grep -v '^[[:space:]]*\(#\|$\)' "$HOSTFILE" | wc -l)
+hosts=$( { grep -v '^[[:space:]]*\(#\|$\)' "$HOSTFILE" || true; } | wc -l)
 if [[ "$hosts" -eq 0 ]]; then
   echo "error: HOSTFILE '$HOSTFILE' lists no hosts (lines like: node0 slots=8)" >&2; exit 2
 fi
