@@ -22,7 +22,7 @@ number of live sandboxes (``set_max_concurrency``). The wall-clock limit runs fr
 """
 from __future__ import annotations
 
-import json
+import ast
 import logging
 import math
 import os
@@ -130,8 +130,9 @@ _MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
 _PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 _UNSHARE_SNIPPET = (
-    "import ctypes, os\n"
+    "import os\n"
     "def _unshare(flags):\n"
+    "    import ctypes\n"
     "    libc = ctypes.CDLL(None, use_errno=True)\n"
     f"    flags |= 0 if os.geteuid() == 0 else {_CLONE_NEWUSER}\n"
     "    return libc.unshare(flags) == 0\n"
@@ -181,20 +182,23 @@ def _base_env() -> dict[str, str]:
 # --------------------------------------------------------------------------------------- the child side
 
 # Runs in the child before any of the program's code: namespaces, rlimits, privileges, then the program.
-# Config comes on argv[1] (nothing secret); the verdict nonce comes on an inherited fd that is closed at once.
+# Config comes as KEY=VALUE words on argv (nothing secret); the verdict nonce comes on an inherited fd that is
+# closed at once. It imports nothing heavy (no json/ast: the parent pre-splits the tests) to start fast.
 _BOOTSTRAP = _UNSHARE_SNIPPET + r'''
-import json, resource, sys
-_cfg = json.loads(sys.argv[1])
+import resource, sys
+_cfg = dict(_a.split("=", 1) for _a in sys.argv[1:])
 del sys.argv[1:]
 sys.argv[0] = "solution.py"
-_ns = _cfg["ns"]
+_ns = int(_cfg["ns"])
 if _ns and not _unshare(_ns):
     _ns = 0
 if _ns & %(newns)d:
+    import ctypes
     _libc = ctypes.CDLL(None, use_errno=True)
     _libc.mount(None, b"/", None, %(rec_private)d, None)  # nothing mounted here reaches the host
-    for _d in _cfg["private_dirs"]:
+    for _d in filter(None, _cfg["private_dirs"].split(":")):
         _libc.mount(b"tmpfs", _d.encode(), b"tmpfs", %(nosuid_nodev)d, b"size=16m,mode=1777")
+    del ctypes, _libc
 if _ns & %(newpid)d:
     # This process stays outside; its child is pid 1 of the new namespace (root, out of the program's reach)
     # and runs the program as its own child. When pid 1 exits or is killed, the kernel kills everything
@@ -211,14 +215,16 @@ if _ns & %(newpid)d:
     _child = os.fork()
     if _child:
         _wait_for(_child)  # pid 1 also reaps the program's orphans
-for _name, _value in _cfg["rlimits"]:
+for _name in [_k for _k in _cfg if _k.startswith("RLIMIT_")]:
+    _value = int(_cfg[_name])
     _lim = getattr(resource, _name)
     _soft, _hard = resource.getrlimit(_lim)
     _value = _value if _hard == resource.RLIM_INFINITY else min(_value, _hard)
     resource.setrlimit(_lim, (_value, _value))
 ''' % {"newns": _CLONE_NEWNS, "newpid": _CLONE_NEWPID, "rec_private": _MS_REC | _MS_PRIVATE,
        "nosuid_nodev": _MS_NOSUID | _MS_NODEV} + r'''
-if _cfg["uid"] is not None:
+_uid, _gid = int(_cfg["uid"]), int(_cfg["gid"])
+if _uid >= 0:
     # The interpreter's own files may sit under a directory the unprivileged uid cannot search (e.g. a
     # pyenv under /root): keep each import directory reachable through a read-only descriptor opened now.
     _paths = []
@@ -239,42 +245,37 @@ if _cfg["uid"] is not None:
                         break
     sys.path_importer_cache.clear()
     os.setgroups([])
-    os.setgid(_cfg["gid"])
-    os.setuid(_cfg["uid"])
-    if os.getuid() != _cfg["uid"] or os.geteuid() != _cfg["uid"]:
+    os.setgid(_gid)
+    os.setuid(_uid)
+    if os.getuid() != _uid or os.geteuid() != _uid:
         os._exit(120)
 _nonce = b""
-if _cfg["nonce_fd"] is not None:
-    _nonce = os.read(_cfg["nonce_fd"], 128)
-    os.close(_cfg["nonce_fd"])
-del json, resource, ctypes
 _run = _cfg["mode"]
-_verdict_fd = _cfg["verdict_fd"]
+if _run == "tests":
+    _nonce = os.read(int(_cfg["nonce_fd"]), 128)
+    os.close(int(_cfg["nonce_fd"]))
+    _verdict_fd = int(_cfg["verdict_fd"])
+del resource
 _write, _exit = os.write, os._exit
 with open("solution.py", encoding="utf-8") as _f:
     _src = _f.read()
 if _run == "script":
-    del _cfg, _nonce, _verdict_fd
+    del _cfg, _nonce
     _g = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "solution.py"}
     exec(compile(_src, "solution.py", "exec"), _g)
 else:
-    import ast
     def _report(status, passed, total, _n=_nonce, _fd=_verdict_fd, _w=_write):
         try:
             _w(_fd, _n + (" %s %d %d\n" % (status, passed, total)).encode())
         except OSError:
             pass
-    with open("tests.py", encoding="utf-8") as _f:
-        _tree = ast.parse(_f.read(), "tests.py")
-    os.remove("tests.py")
-    _stmts = _tree.body
-    _asserts = sum(isinstance(_s, ast.Assert) for _s in _stmts)
-    # Without top-level asserts (e.g. "def check(f): ..." then "check(f)") the whole block is one test.
-    _units = [_stmts] if _asserts == 0 else [[_s] for _s in _stmts]
-    _total = max(_asserts, 1)
-    _codes = [(compile(ast.Module(body=_u, type_ignores=[]), "tests.py", "exec"),
-               _asserts == 0 or isinstance(_u[0], ast.Assert)) for _u in _units]
-    del _cfg, _nonce, _verdict_fd, _tree, _stmts, _units, ast
+    # Units from the parent, NUL-separated: "T<source>" is a test, "S<source>" a setup statement.
+    with open("tests.txt", encoding="utf-8") as _f:
+        _units = _f.read().split("\0")
+    os.remove("tests.txt")
+    _codes = [(compile(_u[1:], "tests.py", "exec"), _u[0] == "T") for _u in _units]
+    _total = sum(_t for _, _t in _codes)
+    del _cfg, _nonce, _verdict_fd, _units
     _g = {"__name__": "__main__", "__builtins__": __builtins__}
     try:
         exec(compile(_src, "solution.py", "exec"), _g)
@@ -299,6 +300,15 @@ else:
 
 
 # --------------------------------------------------------------------------------------- the parent side
+
+def _test_units(tests: str) -> list[str]:
+    """The tests as units for the runner: "T<source>" per top-level assert, "S<source>" per other statement
+    (setup, run in order); without any top-level assert the whole block is one test. Raises SyntaxError."""
+    tree = ast.parse(tests)
+    if not any(isinstance(node, ast.Assert) for node in tree.body):
+        return ["T" + tests]
+    return [("T" if isinstance(node, ast.Assert) else "S") + ast.unparse(node) for node in tree.body]
+
 
 def _rlimits(limits: SandboxLimits) -> list[tuple[str, int]]:
     cpu = limits.cpu_s if limits.cpu_s is not None else int(math.ceil(limits.timeout_s)) + 1
@@ -434,7 +444,7 @@ def _run(source: str, stdin: str, limits: SandboxLimits, tests: Optional[str], n
         work.mkdir()
         (work / "solution.py").write_text(source, encoding="utf-8", errors="replace")
         if tests is not None:
-            (work / "tests.py").write_text(tests, encoding="utf-8", errors="replace")
+            (work / "tests.txt").write_text("\0".join(_test_units(tests)), encoding="utf-8", errors="replace")
         (root / "stdin").write_text(stdin, encoding="utf-8", errors="replace")
         uid = gid = None
         if drops_privileges():
@@ -451,10 +461,9 @@ def _run(source: str, stdin: str, limits: SandboxLimits, tests: Optional[str], n
         os.close(nonce_w)
         fds.remove(nonce_w)
         private = [d for d in _PRIVATE_DIRS if ns & _CLONE_NEWNS and os.path.isdir(d)]
-        cfg = {"ns": ns, "private_dirs": private, "rlimits": _rlimits(limits), "uid": uid, "gid": gid,
-               "mode": "script" if tests is None else "tests",
-               "nonce_fd": nonce_r if tests is not None else None,
-               "verdict_fd": verdict_fd if tests is not None else None}
+        cfg = {"ns": ns, "private_dirs": ":".join(private), **dict(_rlimits(limits)),
+               "uid": -1 if uid is None else uid, "gid": -1 if gid is None else gid,
+               "mode": "script" if tests is None else "tests", "nonce_fd": nonce_r, "verdict_fd": verdict_fd}
         env = _base_env()
         # Inside a mount namespace the work dir's path may be hidden under a private /tmp: the program reaches
         # it as its current directory.
@@ -465,7 +474,7 @@ def _run(source: str, stdin: str, limits: SandboxLimits, tests: Optional[str], n
         with open(root / "stdin", "rb") as fin, open(root / "stdout", "wb") as fout, \
                 open(root / "stderr", "wb") as ferr:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP, json.dumps(cfg)],
+                [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP, *(f"{k}={v}" for k, v in cfg.items())],
                 cwd=work, env=env, stdin=fin, stdout=fout, stderr=ferr, pass_fds=pass_fds,
                 close_fds=True, start_new_session=True)
         for fd in list(fds):
