@@ -328,6 +328,13 @@ class Scorer:
             return rows[i].gold
         return golds[i]
 
+    @staticmethod
+    def _extra_info(rows, i):
+        """The row's extra_info dict, None when the row has none (as verl passes it)."""
+        if rows is None or not getattr(rows[i], "extra_info_present", True):
+            return None
+        return getattr(rows[i], "extra_info", None)
+
     def _score_verified(self, kind, idx, texts, golds, group_ids, results) -> None:
         sub_texts = [texts[i] for i in idx]
         sub_golds = [golds[i] if kind == "math" else None for i in idx]
@@ -366,8 +373,7 @@ class Scorer:
                                      extras={"code_pass_frac": frac})
 
     def _score_custom(self, spec, idx, texts, sources, rows, golds, results) -> None:
-        items = [(sources[i], texts[i], self._gold(rows, golds, i),
-                  (getattr(rows[i], "extra_info", None) if rows is not None else None)) for i in idx]
+        items = [(sources[i], texts[i], self._gold(rows, golds, i), self._extra_info(rows, i)) for i in idx]
         if self._call_pool is not None:
             outs = self._call_pool.map(spec, items)
         else:

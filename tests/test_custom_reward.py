@@ -228,3 +228,15 @@ def test_question_final_answer_jsonl_trains_two_steps_with_custom_reward(tmp_pat
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train_rows = [m for m in metrics if m.get("phase") == "train"]
     assert len(train_rows) == 2 and all(m["reward/errors"] == 0.0 for m in train_rows)
+
+
+def test_extra_info_passed_through_or_none_as_in_verl(tmp_path, reward_file):
+    path = write_dataset([{"question": "a", "final_answer": "1"},
+                          {"question": "b", "final_answer": "2", "extra_info": {"k": [1, 2]}}], tmp_path / "x.jsonl")
+    rows = PromptDataset(path, _Tok(), prompt_key="question", answer_key="final_answer").samples
+    scorer = _scorer(f"reward.custom_function={reward_file}:exact")
+    scorer.score(["1", "zz"], [r.answer for r in rows], [0, 1], rows=rows)
+    calls = [json.loads(line) for line in reward_file.with_suffix(".calls").read_text().splitlines()]
+    assert calls == [["x", "1", "1", None], ["x", "zz", "2", {"k": [1, 2]}]]
+    plain = write_dataset([{"prompt": "q", "answer": "1", "extra_info": {"i": 7}}], tmp_path / "p.jsonl")
+    assert PromptDataset(plain, _Tok())[0].extra_info == {"i": 7}

@@ -2,7 +2,7 @@
 
 verl:  prompt = [{"role": str, "content": str}, ...], reward_model = {"ground_truth": str, ...},
        data_source: str, extra_info: dict (optional).
-plain: prompt: str, answer: str, data_source: str (optional), solution: str (optional).
+plain: prompt: str, answer: str, data_source: str (optional), solution: str (optional), extra_info: dict (optional).
 mapped: any other field names, set by data.prompt_key / data.answer_key (dotted paths into nested dicts).
 
 A bad row raises one `DataError` naming file, row index and field, e.g.
@@ -43,6 +43,7 @@ class Sample:
     prompt_ids: list[int] = field(default_factory=list)
     extra_info: dict[str, Any] = field(default_factory=dict)
     ground_truth: Any = None  # the gold as stored in the row (a custom reward gets it unchanged); None = answer
+    extra_info_present: bool = False  # the row had an extra_info field (else a custom reward gets None, as in verl)
 
     @property
     def gold(self) -> Any:
@@ -122,6 +123,14 @@ def _messages(prompt: Any, ctx: _RowContext, label: str) -> list[dict[str, str]]
 _MISSING = object()
 
 
+def _extra_info(row: dict[str, Any], ctx: _RowContext) -> dict[str, Any] | None:
+    """The row's extra_info dict (a copy), or None when the row has none."""
+    extra_info = row.get("extra_info")
+    if extra_info is not None and not isinstance(extra_info, dict):
+        raise ctx.error("extra_info", f"must be a dict, got {_type_name(extra_info)}")
+    return None if extra_info is None else dict(extra_info)
+
+
 def get_path(row: dict[str, Any], dotted: str) -> Any:
     """row["a"]["b"] for "a.b" (a key holding the whole dotted name wins); _MISSING when absent."""
     if dotted in row:
@@ -164,12 +173,7 @@ def parse_mapped_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: 
             raise ctx.error(answer_key, "is empty")
     data_source = ctx.string(row, "data_source", optional=True)
     solution = ctx.string(row, "solution", optional=True)
-    extra_info = row.get("extra_info")
-    if extra_info is None:
-        extra_info = {}
-    elif not isinstance(extra_info, dict):
-        raise ctx.error("extra_info", f"must be a dict, got {_type_name(extra_info)}")
-    return messages, answer, data_source, solution, dict(extra_info), raw
+    return messages, answer, data_source, solution, _extra_info(row, ctx), raw
 
 
 def parse_verl_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: bool):
@@ -191,12 +195,7 @@ def parse_verl_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: bo
             answer = ctx.string(reward_model, "ground_truth", label="reward_model.ground_truth")
 
     data_source = ctx.string(row, "data_source", optional=True)
-    extra_info = row.get("extra_info")
-    if extra_info is None:
-        extra_info = {}
-    elif not isinstance(extra_info, dict):
-        raise ctx.error("extra_info", f"must be a dict, got {_type_name(extra_info)}")
-    return messages, answer, data_source, None, dict(extra_info)
+    return messages, answer, data_source, None, _extra_info(row, ctx)
 
 
 def parse_plain_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: bool):
@@ -210,7 +209,7 @@ def parse_plain_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: b
         answer = ctx.string(row, "answer")
     data_source = ctx.string(row, "data_source", optional=True)
     solution = ctx.string(row, "solution", optional=True)
-    return [{"role": "user", "content": prompt}], answer, data_source, solution, {}
+    return [{"role": "user", "content": prompt}], answer, data_source, solution, _extra_info(row, ctx)
 
 
 def rows_to_samples(
@@ -262,7 +261,8 @@ def rows_to_samples(
                 answer=answer,
                 data_source=data_source or default_source,
                 solution=solution,
-                extra_info=extra_info,
+                extra_info=extra_info if extra_info is not None else {},
+                extra_info_present=extra_info is not None,
                 ground_truth=raw,
             )
         )
