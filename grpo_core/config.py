@@ -63,8 +63,19 @@ class DataConfig:
     prompt_template: str = ""  # format string with {prompt}; "" -> the tokenizer's chat template
     max_prompt_tokens: int = 256  # longer prompts are dropped (and counted)
     allow_unlabeled: bool = False  # rows without gold answers are kept and labelled by majority vote (TTRL)
+    prompt_key: str = "prompt"  # row field holding the prompt (string or chat list); dotted path allowed
+    answer_key: str = ""  # row field holding the gold; "" = verl's reward_model.ground_truth, else answer
+    system_prompt: str = ""  # system message put before plain-string prompts ("" = none)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the chat template (enable_thinking)
 
     def validate(self, p: str) -> None:
+        if not self.prompt_key or any(not part for part in self.prompt_key.split(".")):
+            _fail(f"{p}.prompt_key", f"must be a field name or dotted path, got {self.prompt_key!r}")
+        if self.answer_key and any(not part for part in self.answer_key.split(".")):
+            _fail(f"{p}.answer_key", f"must be a field name or dotted path (or \"\"), got {self.answer_key!r}")
+        for k in self.chat_template_kwargs:
+            if not isinstance(k, str) or not k.isidentifier():
+                _fail(f"{p}.chat_template_kwargs", f"keys must be identifiers, got {k!r}")
         if self.max_prompt_tokens <= 0:
             _fail(f"{p}.max_prompt_tokens", "must be > 0")
         if self.synthetic_train_size <= 0 or self.synthetic_eval_size < 0:
@@ -115,8 +126,30 @@ class RewardConfig:
     overlong_cache_len: int = 64  # L_cache in tokens; L_max is rollout.max_new_tokens
     verifier_workers: int = 0  # verifier worker processes (0 = in-process, size-bounded)
     verifier_timeout_s: float = 2.0  # wall-clock bound per verified item in the worker pool
+    # "PATH.py:NAME" or "package.module:NAME", verl's signature NAME(data_source, solution_str, ground_truth,
+    # extra_info=None) -> float | {"score": float, ...}; when set it scores every row not routed by by_source.
+    custom_function: str = ""
+    by_source: dict[str, str] = field(default_factory=dict)  # {data_source: math | code | ttrl | custom spec}
+    default: str = "math"  # scorer of rows whose data_source is not in by_source (custom_function overrides it)
+    code_timeout_s: float = 5.0  # wall-clock bound of one code reward (all its tests) in the sandbox
+    custom_error_limit: int = 20  # stop the run when a custom function has raised on its first N calls
 
     def validate(self, p: str) -> None:
+        from grpo_core.scoring import check_scorer_spec
+
+        for key, spec in [("custom_function", self.custom_function), ("default", self.default),
+                          *((f"by_source.{k}", v) for k, v in self.by_source.items())]:
+            if key == "custom_function" and not spec:
+                continue
+            problem = check_scorer_spec(spec, custom_only=key == "custom_function")
+            if problem:
+                _fail(f"{p}.{key}", problem)
+        if self.custom_function and self.default != "math":
+            _fail(f"{p}.default", "set either reward.custom_function or reward.default, not both")
+        if self.code_timeout_s <= 0:
+            _fail(f"{p}.code_timeout_s", "must be > 0")
+        if self.custom_error_limit < 1:
+            _fail(f"{p}.custom_error_limit", "must be >= 1")
         if self.verifier_workers < 0:
             _fail(f"{p}.verifier_workers", "must be >= 0")
         if self.verifier_timeout_s <= 0:
@@ -417,6 +450,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         _fail(key, f"wrong type {type(value).__name__} ({value!r})")
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(key, f"must be a mapping, got {type(value).__name__} ({value!r})")
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {_check_type(f"{key}.{k}", k, key_tp): _check_type(f"{key}.{k}", v, val_tp) for k, v in value.items()}
     if origin is list:
         if isinstance(value, tuple):
             value = list(value)

@@ -34,7 +34,7 @@ def evaluate_accuracy(engine, eval_set, scorer, cfg, dist_info, greedy: bool | N
     gens = engine.generate([s.prompt_ids for s in samples], _greedy_params(cfg, temperature=temperature,
                                                                          seed=cfg.trainer.seed))
     texts = [g.text or "" for g in gens]
-    results = scorer.score(texts, [s.answer for s in samples], list(range(len(samples))))
+    results = scorer.score(texts, [s.answer for s in samples], list(range(len(samples))), rows=samples)
     per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     lengths = 0
     for s, g, r in zip(samples, gens, results):

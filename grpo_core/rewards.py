@@ -6,6 +6,9 @@ extracted answers) in, so this module stays cheap to import and easy to test.
 """
 from __future__ import annotations
 
+import ast
+import json
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
@@ -187,3 +190,89 @@ def compute_rewards(
 ) -> torch.Tensor:
     """Scalar reward per response, float32 [N] on CPU (see RewardSettings for the sum)."""
     return compute_reward_components(correct, extracted_answers, lengths, settings)["total"]
+
+
+# ----------------------------------------------------------------------------------------------- code reward
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+_PYTHON_TAGS = {"python", "py", "python3"}
+
+
+def extract_code(response: str) -> str:
+    """The program in a response: the last fenced ```python block (an unterminated last block runs to the end),
+    else the last untagged ``` block, else the whole response."""
+    blocks = _FENCE.findall(response)
+    for wanted in (lambda tag: tag.lower() in _PYTHON_TAGS, lambda tag: tag == ""):
+        picked = [body for tag, body in blocks if wanted(tag)]
+        if picked:
+            return picked[-1]
+    return response
+
+
+def parse_code_tests(tests: str) -> tuple[str, Any]:
+    """("io", [(stdin, expected_stdout), ...]) for a JSON list of {"input", "output"} pairs, else
+    ("asserts", source) for Python statements. Raises ValueError naming what is wrong."""
+    if not isinstance(tests, str) or not tests.strip():
+        raise ValueError("code tests must be a non-empty string (Python asserts or a JSON list of "
+                         "{\"input\", \"output\"} pairs)")
+    text = tests.strip()
+    if text.startswith("["):
+        try:
+            cases = json.loads(text)
+        except json.JSONDecodeError:
+            cases = None
+        if isinstance(cases, list):
+            if not cases or not all(isinstance(c, dict) and isinstance(c.get("input"), str)
+                                    and isinstance(c.get("output"), str) for c in cases):
+                raise ValueError("code tests as JSON must be a non-empty list of {\"input\": str, \"output\": str}")
+            return "io", [(c["input"], c["output"]) for c in cases]
+    try:
+        ast.parse(tests)
+    except SyntaxError as exc:
+        raise ValueError(f"code tests are neither a JSON list of {{input, output}} pairs nor valid Python "
+                         f"({exc.msg}, line {exc.lineno})") from None
+    return "asserts", tests
+
+
+def _same_output(got: str, want: str) -> bool:
+    """Outputs match up to trailing whitespace on each line and trailing blank lines."""
+    norm = lambda s: "\n".join(line.rstrip() for line in s.replace("\r\n", "\n").rstrip().split("\n"))  # noqa: E731
+    return norm(got) == norm(want)
+
+
+def code_reward(response: str, tests: str, timeout_s: float = 5.0) -> float:
+    """Fraction of `tests` the program in `response` passes, run in the sandbox (grpo_core.sandbox).
+
+    The program is the last fenced ```python block of the response (or the whole response if none).
+    `tests` holds Python statements (each top-level `assert` is one test; with none, the whole block is one
+    test) run after the program in its namespace, or a JSON list of {"input", "output"} pairs, each run as a
+    fresh process reading `input` on stdin whose stdout must equal `output`. `timeout_s` bounds the whole call
+    (all cases together); a timeout, a crash of the program's top level, or no code scores 0.0.
+    """
+    import time
+
+    from grpo_core.sandbox import SandboxLimits, run_python
+
+    if not timeout_s > 0:
+        raise ValueError(f"code_reward timeout_s must be > 0, got {timeout_s}")
+    kind, parsed = parse_code_tests(tests)
+    code = extract_code(response) if isinstance(response, str) else ""
+    if not code.strip():
+        return 0.0
+    if kind == "asserts":
+        result = run_python(code, tests=parsed, limits=SandboxLimits(timeout_s=timeout_s))
+        if result.timed_out or result.verdict is None:
+            return 0.0
+        status, passed, total = result.verdict.split()
+        return 0.0 if status != "done" else int(passed) / int(total)
+    deadline = time.monotonic() + timeout_s
+    passed = 0
+    for stdin, expected in parsed:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return 0.0
+        result = run_python(code, stdin=stdin, limits=SandboxLimits(timeout_s=remaining))
+        if result.timed_out:
+            return 0.0
+        passed += result.returncode == 0 and not result.stdout_truncated and _same_output(result.stdout, expected)
+    return passed / len(parsed)

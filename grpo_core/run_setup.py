@@ -7,73 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from grpo_core import distributed as gdist
 from grpo_core.config import Config
 from grpo_core.distributed import DistInfo
-
-
-class Scorer:
-    """Verifies responses (in-process or in a pool of killable workers) and turns results into rewards.
-    Prompts without a gold answer get the group's majority canonical answer as pseudo-gold (TTRL).
-
-    Correctness accepts a bare short response as the answer (reward.bare_answer_max_chars); the format
-    reward and TTRL votes count only answers stated explicitly (\\boxed{} or "the answer is"), so a
-    short piece of junk neither earns the format reward nor votes for a pseudo-label."""
-
-    def __init__(self, cfg: Config):
-        from grpo_core.rewards import RewardSettings
-        from grpo_core.verify import ExtractConfig
-        from grpo_core.verify.api import VerifyConfig
-
-        self.cfg = cfg
-        self.settings = RewardSettings.from_config(cfg.reward, cfg.rollout.max_new_tokens)
-        self.verify_config = VerifyConfig(extract=ExtractConfig(bare_max_chars=cfg.reward.bare_answer_max_chars))
-        self.explicit_config = VerifyConfig(extract=ExtractConfig(bare_max_chars=0))
-        self._pool = None
-        if cfg.reward.verifier_workers > 0:
-            from grpo_core.verify.pool import VerifierPool
-
-            self._pool = VerifierPool(workers=cfg.reward.verifier_workers, timeout_s=cfg.reward.verifier_timeout_s,
-                                      config=self.verify_config)
-
-    def _judge(self, texts: list[str], golds: list[str]) -> list:
-        if self._pool is not None:
-            return self._pool.map(texts, golds)
-        from grpo_core.verify.api import judge
-
-        return [judge(t, g, self.verify_config, with_canonical=True) for t, g in zip(texts, golds)]
-
-    def score(self, texts: list[str], golds: list[Optional[str]], group_ids: list[int]) -> list:
-        if any(g is None for g in golds):
-            from grpo_core.rewards import majority_vote_labels
-            from grpo_core.verify import canonical_answer
-
-            canon = [canonical_answer(t, self.explicit_config) for t in texts]
-            labels = majority_vote_labels(canon, group_ids)
-            golds = [g if g is not None else (lab if lab is not None else "") for g, lab in zip(golds, labels)]
-        return self._judge(texts, [g or "" for g in golds])
-
-    def rewards(self, results: list, lengths: list[int], finish_reasons: list[str],
-                texts: Optional[list[str]] = None) -> list[float]:
-        """Reward per response. The format reward needs the response texts (explicit answer forms)."""
-        from grpo_core.rewards import compute_rewards
-        from grpo_core.verify import extract_answer
-
-        if not results:
-            return []
-        if self.settings.format_value and texts is None:
-            raise ValueError("Scorer.rewards needs the response texts when reward.format_reward is set")
-        explicit = ([extract_answer(t, self.explicit_config) for t in texts] if self.settings.format_value
-                    else [r.answer for r in results])
-        return compute_rewards([r.correct for r in results], explicit, lengths, self.settings).tolist()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
+from grpo_core.scoring import Scorer  # noqa: F401  (moved to grpo_core.scoring; kept importable from here)
 
 
 @dataclass
@@ -140,8 +81,10 @@ def prepare_run(cfg: Config, dist_info: DistInfo, resuming: bool = False) -> Run
     if not Path(model_dir, "config.json").exists():
         raise FileNotFoundError(f"model.path '{model_dir}' has no config.json (expected an HF-layout directory)")
     tokenizer = Tokenizer.from_pretrained(model_dir)
-    kw = dict(prompt_template=cfg.data.prompt_template or None, max_prompt_tokens=cfg.data.max_prompt_tokens,
-              allow_unlabeled=cfg.data.allow_unlabeled)
+    d = cfg.data
+    kw = dict(prompt_template=d.prompt_template or None, max_prompt_tokens=d.max_prompt_tokens,
+              allow_unlabeled=d.allow_unlabeled, prompt_key=d.prompt_key, answer_key=d.answer_key,
+              system_prompt=d.system_prompt, chat_template_kwargs=d.chat_template_kwargs)
     train_set = PromptDataset(train_files, tokenizer, **kw)
     eval_set = PromptDataset(eval_files, tokenizer, **kw) if eval_files else None
     policy = CausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_backend=cfg.model.attn_backend)

@@ -16,7 +16,7 @@ from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _BackendTokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -178,10 +178,28 @@ def _template_env() -> jinja2.Environment:
     return env
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's reversible byte -> printable-character table (what ByteLevel pre-tokenizers/decoders use).
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_TO_UNICODE = _bytes_to_unicode()
+
+
 def tiny_vocabulary() -> list[str]:
-    """Tokens of the tiny tokenizer, in id order: specials, then printable ASCII and newline, then ``\\boxed{``."""
+    """Tokens of the tiny tokenizer, in id order: specials, then printable ASCII and newline (in the byte-level
+    alphabet: space is "Ġ", newline "Ċ"), then ``\\boxed{``."""
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # 95 printable + "\n"
-    return [END_OF_TEXT, IM_START, IM_END, TINY_UNK, *chars, BOXED_TOKEN]
+    return [END_OF_TEXT, IM_START, IM_END, TINY_UNK, *(_BYTE_TO_UNICODE[ord(c)] for c in chars), BOXED_TOKEN]
 
 
 def build_tiny_tokenizer(out_dir: str | os.PathLike) -> Tokenizer:
@@ -189,12 +207,22 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike) -> Tokenizer:
 
     Every printable ASCII character and newline is one token; ``\\boxed{`` is one added (non-special) token so
     answer anchors are a single id; ChatML specials, pad = ``<|endoftext|>``, eos = ``<|im_end|>``.
+
+    It is a byte-level BPE without merges (NFC, GPT-2 byte alphabet, no unknown token: a character outside the
+    vocabulary is dropped), the pipeline transformers' Qwen2Tokenizer rebuilds from the vocabulary, so
+    ``AutoTokenizer.from_pretrained`` on an exported model encodes and decodes every string exactly as this
+    tokenizer does, whichever class transformers picks for the model type.
     """
     vocab = {token: i for i, token in enumerate(tiny_vocabulary())}
-    backend = _BackendTokenizer(models.WordLevel(vocab=vocab, unk_token=TINY_UNK))
-    # Every character its own pre-token ([\s\S] also matches newline), so WordLevel sees single characters.
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    backend = _BackendTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False,
+                                           byte_fallback=False, continuing_subword_prefix="", end_of_word_suffix=""))
+    backend.normalizer = normalizers.NFC()
+    # One pre-token per character ([\s\S] also matches newline); without merges the split only matters for speed.
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t in (END_OF_TEXT, IM_START, IM_END, TINY_UNK)])
     backend.add_tokens([AddedToken(BOXED_TOKEN, special=False, normalized=False)])

@@ -193,6 +193,7 @@ class Trainer:
             for s in g.samples:
                 s.group_index = gi
         metrics = rollout_metrics(all_groups, kept)
+        metrics.update(self.run.verifier.take_metrics())  # reward/errors, reward/extra/*, per-source (collective)
         metrics.update({"dynamic_sampling/rounds": rounds, "dynamic_sampling/filtered_frac": stats.filtered_fraction,
                         "dynamic_sampling/bound_hit": float(stats.bound_hit), "time/rollout_s": time.time() - t0})
         return kept, metrics
@@ -214,7 +215,8 @@ class Trainer:
                                             request_ids=positions)
         texts = [g.text if g.text is not None else self.tokenizer.decode(g.token_ids) for g in gens]
         golds = [samples[g.prompt_index].answer for g in gens]
-        results = self.run.verifier.score(texts, golds, [g.prompt_index for g in gens])
+        results = self.run.verifier.score(texts, golds, [g.prompt_index for g in gens],
+                                          rows=[samples[g.prompt_index] for g in gens])
         local = [Group(prompt_uid=s.uid, answer=s.answer) for s in samples]
         rewards = self.run.rewards(results, [len(g.token_ids) for g in gens], [g.finish_reason for g in gens], texts)
         for g, text, res, r in zip(gens, texts, results, rewards):

@@ -117,3 +117,31 @@ def test_tiny_model_dir_uses_the_tokenizer_vocab(tmp_path):
     logits = model.lm_head(model(ids))
     assert logits.shape == (1, ids.shape[1], tok.vocab_size) and torch.isfinite(logits).all()
     assert CHATML_TEMPLATE == tok.chat_template
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_hf_export_round_trips_through_auto_tokenizer(tmp_path, family):
+    """transformers' AutoTokenizer on an exported tiny model encodes and decodes exactly like grpo-core (for
+    qwen2, transformers 5 rebuilds a Qwen2Tokenizer from the vocabulary: the export must survive that too)."""
+    import random
+
+    transformers = pytest.importorskip("transformers")
+    from grpo_core.tiny import build_tiny_model_dir
+
+    out = build_tiny_model_dir(tmp_path / family, family=family, hidden_size=16, num_layers=1, num_heads=2,
+                               num_kv_heads=1, intermediate_size=32)
+    ours = Tokenizer.from_pretrained(out)
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    rng = random.Random(0)
+    alphabet = string.printable + "é…\u212a\u00a0€ü<|>{}"
+    texts = ["", " ", "\n\n", "  two  spaces\nand lines\n", "Solve: 3 + 4 = \\boxed{7}", "<|im_start|>user\nhi<|im_end|>",
+             "tab\there\r\n", "Kelvin \u212a, café"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(200)]
+    for text in texts:
+        ids = ours.encode(text)
+        assert hf.encode(text, add_special_tokens=False) == ids, repr(text)
+        for skip in (True, False):
+            assert hf.decode(ids, skip_special_tokens=skip) == ours.decode(ids, skip_special_tokens=skip), repr(text)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1 + 1 = ?\nthink"}]
+    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == ours.apply_chat_template(msgs)
+    assert hf.eos_token_id == ours.eos_token_id and hf.pad_token_id == ours.pad_token_id

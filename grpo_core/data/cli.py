@@ -24,7 +24,8 @@ def add_data_subcommands(commands: argparse._SubParsersAction) -> None:
     make = commands.add_parser("make-synthetic", help="write synthetic train/test splits (parquet)")
     make.add_argument("--out", required=True, type=Path, help="output folder")
     make.add_argument("--kinds", default="arith,linear_eq,frac",
-                      help="comma-separated task kinds: arith, linear_eq, frac")
+                      help="comma-separated task kinds: arith, linear_eq, frac, pyfunc (code: train with "
+                           "reward.default=code)")
     make.add_argument("--n-train", type=int, default=2000, help="train rows (split evenly over kinds)")
     make.add_argument("--n-test", type=int, default=200, help="test rows (split evenly over kinds)")
     make.add_argument("--seed", type=int, default=0, help="generation seed")

@@ -21,16 +21,18 @@ logger = logging.getLogger(__name__)
 PROMPT_PLACEHOLDER = "{prompt}"
 
 
-def render_prompt(messages: list[dict[str, str]], tokenizer: Any, prompt_template: str | None = None) -> str:
+def render_prompt(messages: list[dict[str, str]], tokenizer: Any, prompt_template: str | None = None,
+                  chat_template_kwargs: dict[str, Any] | None = None) -> str:
     """Turn a chat into the prompt text the policy continues.
 
     With `prompt_template`, the chat must hold exactly one user message (optionally after one system
     message, which is then put in front of the template text); its content replaces "{prompt}".
     The template is filled with str.replace, not str.format, so LaTeX braces in it stay literal.
-    Without a template, the tokenizer's chat template renders the whole chat.
+    Without a template, the tokenizer's chat template renders the whole chat, with `chat_template_kwargs`
+    (e.g. {"enable_thinking": False}) passed to it.
     """
     if not prompt_template:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **(chat_template_kwargs or {}))
     roles = [m["role"] for m in messages]
     if roles == ["user"]:
         return prompt_template.replace(PROMPT_PLACEHOLDER, messages[0]["content"])
@@ -61,6 +63,10 @@ class PromptDataset:
         prompt_template: format string with "{prompt}", or None / "" to use the tokenizer's chat template.
         max_prompt_tokens: rows whose rendered prompt has more tokens are dropped (None: keep all).
         allow_unlabeled: accept rows without a gold answer (TTRL); their `answer` is None.
+        prompt_key, answer_key: where the prompt and the gold are in a row (dotted paths allowed); the defaults
+            detect the verl / plain formats (data.prompt_key, data.answer_key).
+        system_prompt: system message put before plain-string prompts ("" = none).
+        chat_template_kwargs: extra variables for the chat template (e.g. enable_thinking).
 
     Attributes: `samples` (list[Sample]), `num_dropped_too_long`, `formats` ({path: "verl"|"plain"}).
     """
@@ -73,6 +79,10 @@ class PromptDataset:
         prompt_template: str | None = None,
         max_prompt_tokens: int | None = 1024,
         allow_unlabeled: bool = False,
+        prompt_key: str = "prompt",
+        answer_key: str = "",
+        system_prompt: str = "",
+        chat_template_kwargs: dict[str, Any] | None = None,
     ):
         if isinstance(files, (str, os.PathLike)):
             files = [files]
@@ -88,13 +98,15 @@ class PromptDataset:
         self.prompt_template = prompt_template
         self.max_prompt_tokens = max_prompt_tokens
         self.allow_unlabeled = allow_unlabeled
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.formats: dict[str, str] = {}
         self.samples: list[Sample] = []
         self.num_dropped_too_long = 0
 
         for path, prefix in zip(paths, _uid_prefixes(paths)):
             rows, columns = read_records(path)
-            fmt, samples = rows_to_samples(rows, columns, path, uid_prefix=prefix, allow_unlabeled=allow_unlabeled)
+            fmt, samples = rows_to_samples(rows, columns, path, uid_prefix=prefix, allow_unlabeled=allow_unlabeled,
+                                           prompt_key=prompt_key, answer_key=answer_key, system_prompt=system_prompt)
             self.formats[str(path)] = fmt
             kept, dropped = self._render(samples, path)
             self.samples.extend(kept)
@@ -113,7 +125,7 @@ class PromptDataset:
         kept, dropped = [], 0
         for sample in samples:
             try:
-                text = render_prompt(sample.messages, self.tokenizer, self.prompt_template)
+                text = render_prompt(sample.messages, self.tokenizer, self.prompt_template, self.chat_template_kwargs)
             except DataError as exc:
                 raise DataError(f"{path} sample {sample.uid}: {exc}") from exc
             ids = list(self.tokenizer.encode(text))

@@ -2,13 +2,15 @@
 
 verl:  prompt = [{"role": str, "content": str}, ...], reward_model = {"ground_truth": str, ...},
        data_source: str, extra_info: dict (optional).
-plain: prompt: str, answer: str, data_source: str (optional), solution: str (optional).
+plain: prompt: str, answer: str, data_source: str (optional), solution: str (optional), extra_info: dict (optional).
+mapped: any other field names, set by data.prompt_key / data.answer_key (dotted paths into nested dicts).
 
 A bad row raises one `DataError` naming file, row index and field, e.g.
 "train.parquet row 17: field 'answer' must be a string, got int".
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from grpo_core.data.io import DataError
 
 VERL = "verl"
 PLAIN = "plain"
+MAPPED = "mapped"  # fields read through data.prompt_key / data.answer_key
 
 
 @dataclass
@@ -39,6 +42,13 @@ class Sample:
     solution: str | None = None
     prompt_ids: list[int] = field(default_factory=list)
     extra_info: dict[str, Any] = field(default_factory=dict)
+    ground_truth: Any = None  # the gold as stored in the row (a custom reward gets it unchanged); None = answer
+    extra_info_present: bool = False  # the row had an extra_info field (else a custom reward gets None, as in verl)
+
+    @property
+    def gold(self) -> Any:
+        """What a reward function receives as ground_truth: the row's raw gold, else the answer string."""
+        return self.answer if self.ground_truth is None else self.ground_truth
 
 
 def _type_name(value: Any) -> str:
@@ -89,25 +99,86 @@ def _gold_missing(ctx: _RowContext, label: str) -> DataError:
     return ctx.error(label, "is missing (rows without a gold answer need allow_unlabeled=True)")
 
 
-def parse_verl_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: bool):
-    """Validate one verl row; return (messages, answer, data_source, solution, extra_info)."""
-    prompt = row.get("prompt")
+def _messages(prompt: Any, ctx: _RowContext, label: str) -> list[dict[str, str]]:
+    """A chat prompt checked to be a non-empty list of {role, content} string dicts."""
     if prompt is None:
-        raise ctx.error("prompt", "is missing")
+        raise ctx.error(label, "is missing")
     if not isinstance(prompt, (list, tuple)):
-        raise ctx.error("prompt", f"must be a list of {{role, content}} messages, got {_type_name(prompt)}")
+        raise ctx.error(label, f"must be a list of {{role, content}} messages, got {_type_name(prompt)}")
     if not prompt:
-        raise ctx.error("prompt", "is an empty message list")
+        raise ctx.error(label, "is an empty message list")
     messages = []
     for i, message in enumerate(prompt):
         if not isinstance(message, dict):
-            raise ctx.error(f"prompt[{i}]", f"must be a {{role, content}} dict, got {_type_name(message)}")
+            raise ctx.error(f"{label}[{i}]", f"must be a {{role, content}} dict, got {_type_name(message)}")
         for key in ("role", "content"):
             value = message.get(key)
             if not isinstance(value, str):
                 problem = "is missing" if value is None else f"must be a string, got {_type_name(value)}"
-                raise ctx.error(f"prompt[{i}].{key}", problem)
+                raise ctx.error(f"{label}[{i}].{key}", problem)
         messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+_MISSING = object()
+
+
+def _extra_info(row: dict[str, Any], ctx: _RowContext) -> dict[str, Any] | None:
+    """The row's extra_info dict (a copy), or None when the row has none."""
+    extra_info = row.get("extra_info")
+    if extra_info is not None and not isinstance(extra_info, dict):
+        raise ctx.error("extra_info", f"must be a dict, got {_type_name(extra_info)}")
+    return None if extra_info is None else dict(extra_info)
+
+
+def get_path(row: dict[str, Any], dotted: str) -> Any:
+    """row["a"]["b"] for "a.b" (a key holding the whole dotted name wins); _MISSING when absent."""
+    if dotted in row:
+        return row[dotted]
+    node: Any = row
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def parse_mapped_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: bool, prompt_key: str,
+                     answer_key: str):
+    """A row read through data.prompt_key / data.answer_key (dotted paths). The prompt is a string (one user
+    message) or a {role, content} list; the gold may be any JSON value (a string for the math scorer; numbers
+    become strings; a custom reward gets the raw value). Other fields as in the verl/plain formats."""
+    prompt = get_path(row, prompt_key)
+    if prompt is _MISSING or prompt is None:
+        raise ctx.error(prompt_key, "is missing (data.prompt_key)")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ctx.error(prompt_key, "is empty")
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = _messages(prompt, ctx, prompt_key)
+    gold = get_path(row, answer_key)
+    answer, raw = None, None
+    if gold is _MISSING or gold is None:
+        if not allow_unlabeled:
+            raise ctx.error(answer_key, "is missing (data.answer_key; rows without a gold answer need "
+                                        "allow_unlabeled=True)")
+    elif isinstance(gold, bool) or not isinstance(gold, (str, int, float, list, dict)):
+        raise ctx.error(answer_key, f"must be a string, number, list or dict, got {_type_name(gold)}")
+    else:
+        answer = gold if isinstance(gold, str) else (str(gold) if isinstance(gold, (int, float))
+                                                      else json.dumps(gold, ensure_ascii=False))
+        raw = None if isinstance(gold, str) else gold
+        if not answer.strip():
+            raise ctx.error(answer_key, "is empty")
+    data_source = ctx.string(row, "data_source", optional=True)
+    solution = ctx.string(row, "solution", optional=True)
+    return messages, answer, data_source, solution, _extra_info(row, ctx), raw
+
+
+def parse_verl_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: bool):
+    """Validate one verl row; return (messages, answer, data_source, solution, extra_info)."""
+    messages = _messages(row.get("prompt"), ctx, "prompt")
 
     reward_model = row.get("reward_model")
     answer = None
@@ -124,12 +195,7 @@ def parse_verl_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: bo
             answer = ctx.string(reward_model, "ground_truth", label="reward_model.ground_truth")
 
     data_source = ctx.string(row, "data_source", optional=True)
-    extra_info = row.get("extra_info")
-    if extra_info is None:
-        extra_info = {}
-    elif not isinstance(extra_info, dict):
-        raise ctx.error("extra_info", f"must be a dict, got {_type_name(extra_info)}")
-    return messages, answer, data_source, None, dict(extra_info)
+    return messages, answer, data_source, None, _extra_info(row, ctx)
 
 
 def parse_plain_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: bool):
@@ -143,7 +209,7 @@ def parse_plain_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: b
         answer = ctx.string(row, "answer")
     data_source = ctx.string(row, "data_source", optional=True)
     solution = ctx.string(row, "solution", optional=True)
-    return [{"role": "user", "content": prompt}], answer, data_source, solution, {}
+    return [{"role": "user", "content": prompt}], answer, data_source, solution, _extra_info(row, ctx)
 
 
 def rows_to_samples(
@@ -153,18 +219,41 @@ def rows_to_samples(
     *,
     uid_prefix: str,
     allow_unlabeled: bool = False,
+    prompt_key: str = "prompt",
+    answer_key: str = "",
+    system_prompt: str = "",
 ) -> tuple[str, list[Sample]]:
     """Validate every row of one file and turn it into Samples (prompt_ids still empty).
 
-    Returns (format, samples). Raises DataError at the first bad row.
+    With the default keys (prompt_key "prompt", answer_key "") the format is detected (verl or plain);
+    other keys read every row through parse_mapped_row (format "mapped"). A non-empty `system_prompt` is put
+    before the user message of every row whose prompt is a plain string. Returns (format, samples).
+    Raises DataError at the first bad row.
     """
-    fmt = detect_format(rows, columns, path)
+    mapped = prompt_key != "prompt" or bool(answer_key)
+    if mapped:
+        fmt = MAPPED
+        if not any(get_path(r, prompt_key) is not _MISSING for r in rows[:1]):
+            raise DataError(f"{path}: no field '{prompt_key}' (data.prompt_key) in the first row; "
+                            f"columns: {columns}")
+        if not answer_key:  # verl's gold when the file has one, else "answer"
+            answer_key = "reward_model.ground_truth" if "reward_model" in columns else "answer"
+    else:
+        fmt = detect_format(rows, columns, path)
     parse = parse_verl_row if fmt == VERL else parse_plain_row
     default_source = Path(path).stem
     samples = []
     for index, row in enumerate(rows):
         ctx = _RowContext(path, index)
-        messages, answer, data_source, solution, extra_info = parse(row, ctx, allow_unlabeled=allow_unlabeled)
+        raw = None
+        if mapped:
+            messages, answer, data_source, solution, extra_info, raw = parse_mapped_row(
+                row, ctx, allow_unlabeled=allow_unlabeled, prompt_key=prompt_key, answer_key=answer_key)
+        else:
+            messages, answer, data_source, solution, extra_info = parse(row, ctx, allow_unlabeled=allow_unlabeled)
+        from_string = fmt == PLAIN or (mapped and isinstance(get_path(row, prompt_key), str))
+        if system_prompt and from_string:
+            messages = [{"role": "system", "content": system_prompt}, *messages]
         samples.append(
             Sample(
                 uid=f"{uid_prefix}-{index}",
@@ -172,7 +261,9 @@ def rows_to_samples(
                 answer=answer,
                 data_source=data_source or default_source,
                 solution=solution,
-                extra_info=extra_info,
+                extra_info=extra_info if extra_info is not None else {},
+                extra_info_present=extra_info is not None,
+                ground_truth=raw,
             )
         )
     return fmt, samples

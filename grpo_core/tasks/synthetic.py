@@ -1,7 +1,8 @@
 """Registry of synthetic verifiable tasks and deterministic dataset generation.
 
-Rows are in the plain format: {"prompt", "answer", "data_source", "solution"}; the solution is a short
-worked answer ending in "\\boxed{<answer>}" (supervised warm start), the answer is the gold for the verifier.
+Rows are in the plain format: {"prompt", "answer", "data_source", "solution"}; for the math kinds the solution
+is a short worked answer ending in "\\boxed{<answer>}" (supervised warm start) and the answer is the gold for
+the verifier; for the code kind (pyfunc) the solution is a fenced program and the answer holds its tests.
 """
 from __future__ import annotations
 
@@ -12,23 +13,28 @@ from typing import Callable, Iterable, Sequence
 from grpo_core.tasks.algebra import FRAC_LEVELS, LINEAR_LEVELS, make_frac_row, make_linear_eq_row
 from grpo_core.tasks.arithmetic import LEVELS as ARITH_LEVELS
 from grpo_core.tasks.arithmetic import make_arith_row
+from grpo_core.tasks.pyfunc import LEVELS as PYFUNC_LEVELS
+from grpo_core.tasks.pyfunc import make_pyfunc_row
 
 Row = dict[str, str]
 
 
 @dataclass(frozen=True)
 class TaskKind:
-    """A synthetic task: a row maker `make(rng, level) -> row` and the levels it knows."""
+    """A synthetic task: a row maker `make(rng, level) -> row`, the levels it knows, and the scorer its gold is
+    for (reward.default / reward.by_source: "math" answers, "code" tests)."""
 
     name: str
     make: Callable[[random.Random, int], Row]
     levels: tuple[int, ...]
+    scorer: str = "math"
 
 
 TASKS: dict[str, TaskKind] = {
     "arith": TaskKind("arith", make_arith_row, ARITH_LEVELS),
     "linear_eq": TaskKind("linear_eq", make_linear_eq_row, LINEAR_LEVELS),
     "frac": TaskKind("frac", make_frac_row, FRAC_LEVELS),
+    "pyfunc": TaskKind("pyfunc", make_pyfunc_row, PYFUNC_LEVELS, scorer="code"),
 }
 
 
@@ -53,7 +59,7 @@ def make_synthetic(
     """Generate n rows of one task kind; the same arguments always give the same rows.
 
     Args:
-        kind: "arith", "linear_eq" or "frac" (see TASKS).
+        kind: "arith", "linear_eq", "frac" or "pyfunc" (see TASKS).
         n: number of rows (>= 0).
         seed: generation seed.
         level: difficulty level of the kind, or None to draw a level uniformly per row.
