@@ -39,8 +39,9 @@ def test_build_engine_without_vllm_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
-    with pytest.raises(ImportError, match=r"grpo-core\[gpu\]"):
+    with pytest.raises(ImportError, match=r"vllm>=0\.10\.2,<0\.35.*grpo-core\[gpu\]") as err:
         build_engine("vllm", model_dir="unused")
+    assert "\n" not in str(err.value)
 
 
 def test_vllm_engine_without_cuda_names_cuda_and_the_extra(monkeypatch):
@@ -55,8 +56,23 @@ def test_vllm_engine_without_cuda_names_cuda_and_the_extra(monkeypatch):
 def test_too_old_vllm_is_refused(monkeypatch, version):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     _install_fake_vllm(monkeypatch, version=version)
-    with pytest.raises(ImportError, match=r"vllm>=0\.10\.2,<0\.12.*grpo-core\[gpu\]"):
+    with pytest.raises(ImportError, match=r"vllm>=0\.10\.2,<0\.35.*grpo-core\[gpu\]") as err:
         ve.VLLMRolloutEngine("unused")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("version", ["0.35.0", "1.0.0"])
+def test_too_new_vllm_is_refused_unless_allowed(monkeypatch, version, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _install_fake_vllm(monkeypatch, version=version)
+    monkeypatch.delenv("GRPO_VLLM_ALLOW_UNTESTED", raising=False)
+    with pytest.raises(ImportError, match=r"vllm>=0\.10\.2,<0\.35 \(found vllm " + version) as err:
+        ve.VLLMRolloutEngine("unused")
+    assert "\n" not in str(err.value) and "GRPO_VLLM_ALLOW_UNTESTED=1" in str(err.value)
+    monkeypatch.setenv("GRPO_VLLM_ALLOW_UNTESTED", "1")
+    with caplog.at_level("WARNING"):
+        ve.check_vllm_version(version)
+    assert "newer than the releases" in caplog.text
 
 
 def test_version_parsing():
@@ -64,8 +80,9 @@ def test_version_parsing():
     assert ve.parse_version("0.11.1rc2.dev5+g12ab") == (0, 11, 1)
     assert ve.parse_version("0.10.1.1") == (0, 10, 1)
     assert ve.parse_version("1.0") == (1, 0, 0)
-    ve.check_vllm_version("0.10.2")
-    ve.check_vllm_version("0.11.2")
+    for v in ("0.10.2", "0.11.2", "0.20.2", "0.32.0", "0.34.0", "0.34.5rc1"):
+        ve.check_vllm_version(v)
+    assert ve.SUPPORTED_VLLM == ((0, 10, 2), (0, 35, 0))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -159,7 +176,7 @@ class _FakeLLM:
         self.lm = CausalLM.from_pretrained(model)
         self.tokenizer = Tokenizer.from_pretrained(model)
         self.runner_model = _FakeModel(self.lm)
-        self.worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(get_model=lambda: self.runner_model))
+        self.worker = types.SimpleNamespace(get_model=lambda: self.runner_model)  # vLLM's Worker.get_model
         self.llm_engine = types.SimpleNamespace(
             model_config=types.SimpleNamespace(max_model_len=self.lm.args.max_position_embeddings))
         self.events: list = []
@@ -233,6 +250,16 @@ def fake_vllm(monkeypatch):
 
 def _engine(model_dir, **kw):
     return build_engine("vllm", model_dir=model_dir, tokenizer=Tokenizer.from_pretrained(model_dir), **kw)
+
+
+@pytest.mark.parametrize("version", ["0.11.2", "0.32.0", "0.34.0"])
+def test_string_logprobs_mode_from_0_11(fake_vllm, tiny_dir, monkeypatch, version):
+    # 0.11+ types logprobs_mode as a Literal of strings and vllm.config no longer exports LogprobsMode (the API
+    # check found this): the engine passes the string without looking the type up.
+    fake_vllm.__version__ = version
+    monkeypatch.delitem(sys.modules, "vllm.config")
+    _engine(tiny_dir, temperature=1.0, top_p=0.9)
+    assert _FakeLLM.instances[-1].kwargs["logprobs_mode"] == "raw_logprobs"
 
 
 def test_engine_arguments_reach_vllm(fake_vllm, tiny_dir, monkeypatch):
