@@ -29,7 +29,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 from grpo_core.rollout import vllm_compat as compat  # noqa: E402
 
 
@@ -102,6 +103,19 @@ def _top_level(body: list[ast.stmt]):
         elif isinstance(stmt, ast.Try):
             for part in (stmt.body, stmt.orelse, stmt.finalbody, *[h.body for h in stmt.handlers]):
                 yield from _top_level(part)
+
+
+def _is_stub(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """A method whose body is only a docstring, `pass`, `...` or `raise NotImplementedError` (abstract)."""
+    body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    if not body:
+        return True
+    if len(body) == 1 and isinstance(body[0], ast.Pass):
+        return True
+    if len(body) == 1 and isinstance(body[0], ast.Raise) and body[0].exc is not None:
+        exc = body[0].exc.func if isinstance(body[0].exc, ast.Call) else body[0].exc
+        return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
+    return False
 
 
 def _absolute(module: str, is_pkg: bool, level: int, target: str | None) -> str:
@@ -208,7 +222,11 @@ class Resolver:
         if not isinstance(owner.node, ast.ClassDef) or _depth > 12:
             return None
         for stmt in owner.node.body:
-            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and stmt.name == attr:
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name == attr:
+                if _is_stub(stmt):  # an abstract placeholder is not an implementation: look no further
+                    return None
+                return Found(stmt, owner.module)
+            if isinstance(stmt, ast.ClassDef) and stmt.name == attr:
                 return Found(stmt, owner.module)
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == attr:
                 return Found(stmt, owner.module)
