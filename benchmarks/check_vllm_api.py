@@ -373,6 +373,87 @@ def public_weight_update_api(resolver: Resolver) -> str:
     return f"LLM.{'/'.join(methods)}; backends: {', '.join(sorted(backends)) or '?'}"
 
 
+def check_imported() -> ReleaseResult:
+    """The same needs checked on the importable `vllm` of this environment with `inspect` (live signatures,
+    dataclass / msgspec / TypedDict fields, Literal / Enum values): the second route, where vLLM imports
+    without CUDA (0.32 does on CPU torch 2.13 with its pure-Python dependencies)."""
+    import dataclasses
+    import enum
+    import importlib
+    import inspect
+    import textwrap
+    import typing
+
+    vllm = importlib.import_module("vllm")
+    version = str(vllm.__version__)
+    res = ReleaseResult(release=version, path=str(Path(vllm.__file__).parent), supported=compat.is_supported(version))
+
+    def resolve(symbol: str):
+        parts = symbol.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for attr in parts[cut:]:
+                obj = inspect.getattr_static(obj, attr, None) if inspect.isclass(obj) else getattr(obj, attr, None)
+                obj = obj.__func__ if isinstance(obj, (staticmethod, classmethod)) else obj
+                if obj is None:
+                    return None
+            return obj
+        return None
+
+    def fields(cls) -> set[str]:
+        out: set[str] = set()
+        if dataclasses.is_dataclass(cls):
+            out |= {f.name for f in dataclasses.fields(cls)}
+        out |= set(getattr(cls, "__struct_fields__", ()))  # msgspec.Struct
+        out |= set(getattr(cls, "model_fields", {}) or {})  # pydantic
+        for klass in getattr(cls, "__mro__", (cls,)):
+            out |= set(getattr(klass, "__annotations__", {}))  # TypedDict, plain annotated classes
+        return out
+
+    def source_tree(obj) -> ast.AST:
+        return ast.parse(textwrap.dedent(inspect.getsource(obj)))
+
+    for need in compat.api_needs(version):
+        res.checked += 1
+        obj = resolve(need.symbol)
+        if obj is None:
+            res.missing.append(f"vllm {version}: missing {need.symbol} ({need.why})")
+            continue
+        if need.kind == "params":
+            sig = inspect.signature(obj)
+            have = set(sig.parameters)
+            var_kw = [p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD]
+            if var_kw:  # **kwargs forwarded to a class: the callee's fields count
+                for call in ast.walk(source_tree(obj)):
+                    if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and any(
+                            k.arg is None and isinstance(k.value, ast.Name) and k.value.id == var_kw[0]
+                            for k in call.keywords):
+                        callee = obj.__globals__.get(call.func.id)
+                        if inspect.isclass(callee):
+                            have |= fields(callee)
+            absent, label = [n for n in need.names if n not in have], "parameter"
+        elif need.kind == "fields":
+            have = fields(obj)
+            absent, label = [n for n in need.names if n not in have], "field"
+        elif need.kind == "values":
+            if inspect.isclass(obj) and issubclass(obj, enum.Enum):
+                have = {m.value for m in obj}
+            else:
+                have = {a for a in typing.get_args(obj) if isinstance(a, str)}
+            absent, label = [n for n in need.names if n not in have], "value"
+        elif need.kind in ("attrs", "mentions"):
+            found = Found(source_tree(obj), "")
+            have = Resolver.self_attrs(found) if need.kind == "attrs" else Resolver.strings(found)
+            absent, label = [n for n in need.names if n not in have], "attribute" if need.kind == "attrs" else "string"
+        else:
+            absent, label = [], ""
+        res.missing += [f"vllm {version}: missing {need.symbol} {label} {n!r} ({need.why})" for n in absent]
+    return res
+
+
 def release_dirs(paths: list[str]) -> list[Path]:
     """Each path is a release (has vllm/__init__.py) or a folder of releases; sorted by version."""
     out: list[Path] = []
