@@ -310,3 +310,11 @@ def test_result_table_covers_every_supported_minor_release():
     minors = {compat.parse_version(v)[:2] for v in compat.CHECKED_RELEASES}
     assert minors == {(0, m) for m in range(lo[1], hi[1])}  # every minor release in the range, none missing
     assert rows["0.32.0"]["torch"] == "torch==2.13.0"  # the README's install advice rests on this
+
+
+def test_gpu_extra_admits_exactly_the_supported_range():
+    import re
+
+    setup = (check.REPO_ROOT / "setup.py").read_text()
+    pins = re.findall(r'"(vllm[^"]*)"', setup)
+    assert pins == [compat.supported_range()] == ["vllm>=0.10.2,<0.35"]
