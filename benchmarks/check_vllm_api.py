@@ -165,6 +165,10 @@ class Resolver:
             if isinstance(stmt, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.name == name:
                 return Found(stmt, module)
             if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in stmt.targets):
+                if isinstance(stmt.value, ast.Name) and stmt.value.id != name:  # an alias: `X = _X`
+                    alias = self.in_module(module, stmt.value.id, _seen)
+                    if alias is not None:
+                        return alias
                 return Found(stmt, module)
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == name \
                     and stmt.value is not None:

@@ -118,11 +118,10 @@ class Trainer:
         self.dtype = torch.bfloat16 if (cfg.deepspeed.bf16 == "on" or (cfg.deepspeed.bf16 == "auto" and use_cuda)) \
             else torch.float32
         # rollout.engine decides (grpo_core/rollout/factory.py), before the trainer takes GPU memory: vLLM sizes
-        # its KV cache from what is free now. The engine then sleeps (vLLM: weights and KV cache released; the
-        # torch engine: its own inference copy's weights) until the first weight sync wakes it.
+        # its KV cache from what is free now, then sleeps until the first weight sync wakes it.
         self.rollout_engine = build_rollout_engine(cfg, model_dir=self.run.model_dir, tokenizer=self.tokenizer,
-                                                   device=self.device, dtype=self.dtype, release_on_sleep=True)
-        self.rollout_engine.sleep()
+                                                   device=self.device, dtype=self.dtype, release_on_sleep=True,
+                                                   vllm_asleep=True)
         policy = self.run.policy  # plain module, warm-started when configured
         policy.set_activation_checkpointing(cfg.model.activation_checkpointing)
         self.module = PolicyForward(policy, cfg.model.kernel_backend)

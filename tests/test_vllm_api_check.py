@@ -149,6 +149,27 @@ class Worker:
         with self.pool(tag="kv_cache"):
             self.cache = None
 ''',
+    "vllm/v1/executor/abstract.py": '''
+from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher as _ExecutorWithExternalLauncher
+
+ExecutorWithExternalLauncher = _ExecutorWithExternalLauncher
+''',
+    "vllm/v1/executor/uniproc_executor.py": '''
+from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+class UniProcExecutor:
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        return [method(self.driver_worker, *args, **(kwargs or {}))]
+
+class ExecutorWithExternalLauncher(UniProcExecutor):
+    def _init_executor(self):
+        self.driver_worker = WorkerWrapperBase()
+''',
+    "vllm/v1/worker/worker_base.py": '''
+class WorkerWrapperBase:
+    def __getattr__(self, attr):
+        return getattr(self.worker, attr)
+''',
     "vllm/distributed/parallel_state.py": '''
 class GroupCoordinator:
     def __init__(self, ranks, rank):
@@ -205,6 +226,10 @@ def test_synthetic_release_passes(tmp_path, capsys):
      "vllm.config.model.LogprobsMode value 'processed_logprobs'"),
     ("vllm/__init__.py", '    "LLM": ".entrypoints.llm:LLM",\n', "", "missing vllm.LLM.__init__ "),
     ("vllm/v1/worker/gpu_worker.py", 'tag="kv_cache"', 'tag="kv"', "vllm.v1.worker.gpu_worker.Worker string 'kv_cache'"),
+    ("vllm/v1/worker/worker_base.py", "def __getattr__(", "def _getattr(",
+     "missing vllm.v1.executor.uniproc_executor.WorkerWrapperBase.__getattr__ "),
+    ("vllm/v1/executor/uniproc_executor.py", "class ExecutorWithExternalLauncher(UniProcExecutor):",
+     "class ExecutorWithExternalLauncher:", "missing vllm.v1.executor.abstract.ExecutorWithExternalLauncher.collective_rpc "),
     ("vllm/distributed/parallel_state.py", "self.rank_in_group =", "self.rank =",
      "GroupCoordinator.__init__ attribute 'rank_in_group'"),
 ])
@@ -242,7 +267,10 @@ class Worker(WorkerBase):
 def test_needs_follow_the_release(tmp_path):
     # 0.10.x types LogprobsMode as an Enum exported by vllm.config: a tree that only has 0.11's Literal in
     # vllm.config.model fails as 0.10.2 and passes as 0.34.0.
-    root = _write_tree(tmp_path / "t", {**SYNTHETIC, "vllm/version.py": '__version__ = "0.10.2"\n'})
+    root = _write_tree(tmp_path / "t", {**SYNTHETIC, "vllm/version.py": '__version__ = "0.10.2"\n',
+                                        # 0.10's external_launcher executor lives in the V0 package
+                                        "vllm/executor/uniproc_executor.py":
+                                            SYNTHETIC["vllm/v1/executor/uniproc_executor.py"]})
     res = check.check_release(root)
     assert res.release == "0.10.2"
     assert [m for m in res.missing] == ["vllm 0.10.2: missing vllm.config.LogprobsMode (logprobs under "

@@ -510,9 +510,10 @@ def test_trainer_periodic_evaluation_uses_the_vllm_engine(fake_vllm, eval_inputs
     root, model_dir, data = eval_inputs
     cfg = load_config(None, ["rollout.engine=vllm", "rollout.max_new_tokens=6", "trainer.eval_max_prompts=4"])
     tok = Tokenizer.from_pretrained(model_dir)
-    engine = build_rollout_engine(cfg, model_dir=model_dir, tokenizer=tok, device="cpu", dtype=torch.float32)
-    engine.sleep()
+    engine = build_rollout_engine(cfg, model_dir=model_dir, tokenizer=tok, device="cpu", dtype=torch.float32,
+                                  vllm_asleep=True)
     llm = _FakeLLM.instances[-1]
+    assert llm.events == [("sleep", 2)]  # asleep from the start: its memory goes to the trainer
     policy = CausalLM.from_pretrained(model_dir)
     scorer = Scorer(cfg)
     trainer = types.SimpleNamespace(

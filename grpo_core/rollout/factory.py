@@ -22,6 +22,7 @@ def build_rollout_engine(
     seed: int | None = None,
     sleep_mode: bool | None = None,
     release_on_sleep: bool = False,
+    vllm_asleep: bool = False,
 ) -> RolloutEngine:
     """The rollout engine `cfg.rollout` asks for (`engine` overrides `cfg.rollout.engine`).
 
@@ -31,17 +32,22 @@ def build_rollout_engine(
         top_p / top_k) and vLLM's global seed; default cfg.rollout.temperature and cfg.trainer.seed.
     sleep_mode: vLLM sleep mode (default cfg.rollout.sleep_mode; evaluation alone has no use for it).
     release_on_sleep: the torch engine frees its weights on `sleep` (a model it owns: the trainer's copy).
+    vllm_asleep: put a vLLM engine to sleep at once (the trainer: its memory goes to DeepSpeed until the first
+        weight sync). The torch engine starts with model_dir's weights, usable as they are.
     vLLM must be built before the trainer takes GPU memory: it sizes its KV cache from what is free then.
     """
     r = cfg.rollout
     kind = r.engine if engine is None else engine
     if kind == "vllm":
-        return build_engine(
+        engine = build_engine(
             "vllm", model_dir=str(model_dir), tokenizer=tokenizer, dtype=dtype,
             gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
             sleep_mode=r.sleep_mode if sleep_mode is None else sleep_mode,
             temperature=r.temperature if temperature is None else temperature, top_p=r.top_p, top_k=r.top_k,
             seed=cfg.trainer.seed if seed is None else seed)
+        if vllm_asleep:
+            engine.sleep()
+        return engine
     if kind == "torch":
         if model is None:
             from grpo_core.model import CausalLM

@@ -11,20 +11,26 @@ returns only `log_softmax(logits)` at T = 1 and the rollout logprobs would not f
 releases would need a second logprob path (recomputing logprobs in the trainer), which is the contortion
 the range avoids.
 
-| vLLM release | logprobs_mode passed as | logprobs container | weight update used | public weight-update API offered |
+| vLLM release | logprobs_mode passed as | logprobs container | weight update used | public weight-update API offered (not used) |
 |---|---|---|---|---|
-| 0.10.2 | `LogprobsMode` Enum member | list of {token: Logprob} | collective_rpc(fn) -> worker.get_model().load_weights | none |
-| 0.11 - 0.15 | string (`Literal`) | list, or FlatLogprobs | same | none |
-| 0.16 - 0.19 | string | same | same | LLM.init_weight_transfer_engine / update_weights, backend nccl |
-| 0.20 - 0.34 | string | same | same | same, backends nccl, ipc (0.34: also sparse_nccl, sharded_rdt, nccl_m2n; start/finish_weight_update) |
+| 0.10.2 | `vllm.config.LogprobsMode` Enum member | list of {token: Logprob} | collective_rpc(fn) -> worker.get_model().load_weights(bucket) | none |
+| 0.11 - 0.15 | string (Literal in vllm.config.model; vllm.config no longer exports it) | list, or FlatLogprobs | same | none |
+| 0.16 | string | same | same | LLM.init_weight_transfer_engine / update_weights; backend nccl |
+| 0.17 - 0.20 | string | same | same | same; backends nccl, ipc |
+| 0.21 - 0.34 | string | same | same | + start_weight_update / finish_weight_update; backends grow (0.25 sparse_nccl, 0.29 sharded_rdt, 0.31 nccl_m2n) |
+
+(Measured from each release's source by benchmarks/check_vllm_api.py; the per-release rows are in
+benchmarks/results/vllm_api_check.md.) Sleep semantics read from the source: from 0.17 `sleep` also pauses
+the scheduler; 0.17 - 0.32 resume it on every `wake_up`, 0.33+ only once all memory is resident again. The
+engine's order (wake weights, load, wake kv_cache, then generate) is fully awake before generating in all.
 
 Common to all: `LLM(model, distributed_executor_backend="external_launcher", enable_sleep_mode, seed,
 logprobs_mode, generation_config="vllm", enable_prefix_caching, tensor_parallel_size, ...)`,
 `SamplingParams(n, temperature, top_p, top_k, max_tokens, stop, stop_token_ids, ignore_eos,
 include_stop_str_in_output, skip_special_tokens, seed, logprobs)`, `LLM.generate(prompts, sampling_params,
 use_tqdm)` with `vllm.inputs.TokensPrompt`, `LLM.collective_rpc(method, timeout, args, kwargs)`,
-`LLM.sleep(level=2)`, `LLM.wake_up(tags=["weights"])` then `wake_up(tags=["kv_cache"])` (0.34 resumes
-scheduling itself once everything is resident), `LLM.reset_prefix_cache()`, and the model's
+`LLM.sleep(level=2)`, `LLM.wake_up(tags=["weights"])` then `wake_up(tags=["kv_cache"])`, `LLM.reset_prefix_cache()`,
+and the model's
 `load_weights(weights)` (Qwen2/Qwen3/Llama ForCausalLM: HF names, fuses q/k/v and gate/up, TP-slices).
 
 Why the public weight-update API is not used where offered (0.16+): its transports (NCCL broadcast from a
@@ -236,6 +242,12 @@ API_NEEDS: tuple[ApiNeed, ...] = (
     ApiNeed("vllm.logprobs.Logprob", "fields", ("logprob",), "per-token logprob value"),
     ApiNeed("vllm.LLM.collective_rpc", "params", ("method", "timeout", "args", "kwargs"),
             "weight loading in buckets on this rank's worker"),
+    ApiNeed("vllm.v1.executor.abstract.ExecutorWithExternalLauncher.collective_rpc", "params",
+            ("method", "timeout", "args", "kwargs"), "external_launcher runs the engine in this process"),
+    ApiNeed("vllm.executor.uniproc_executor.WorkerWrapperBase.__getattr__", "exists", (),
+            "collective_rpc's fn gets the wrapper, which hands get_model on to the Worker", ((0, 10, 0), (0, 11, 0))),
+    ApiNeed("vllm.v1.executor.uniproc_executor.WorkerWrapperBase.__getattr__", "exists", (),
+            "collective_rpc's fn gets the wrapper, which hands get_model on to the Worker", ((0, 11, 0), (1, 0, 0))),
     ApiNeed("vllm.v1.worker.gpu_worker.Worker.get_model", "exists", (), "the live model inside the worker"),
     ApiNeed("vllm.model_executor.models.qwen2.Qwen2ForCausalLM.load_weights", "params", ("weights",),
             "HF-name weight loader (qwen2)"),
