@@ -27,8 +27,10 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        # vLLM's weight-loading and sleep-mode API used by grpo_core/rollout/vllm_engine.py.
-        "gpu": ["vllm>=0.10.2,<0.12", "flash-attn>=2.6"],
+        # vLLM: every minor release 0.10.2 ... 0.34 (grpo_core/rollout/vllm_compat.py; its API is checked against
+        # each release's source: benchmarks/results/vllm_api_check.md). Each vLLM pins one torch (0.27-0.32:
+        # torch 2.13; 0.33-0.34: torch 2.14): to keep a cluster's torch, constrain it (README, "vLLM").
+        "gpu": ["vllm>=0.10.2,<0.35", "flash-attn>=2.6"],
         "dev": ["pytest>=8", "transformers>=4.51", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["grpo=grpo_core.cli:main"]},

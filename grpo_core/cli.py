@@ -45,6 +45,10 @@ def _add_eval(sub) -> None:
                    help="format string with {prompt} (default: the run's template for a trainer checkpoint, "
                         "else the chat template)")
     p.add_argument("--out", default=None, help="output directory for eval.json and eval.md")
+    p.add_argument("--engine", choices=["torch", "vllm"], default=None,
+                   help="generation engine (= --set rollout.engine=...; default torch; vllm needs the gpu extra)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set rollout.gpu_memory_utilization=0.8 (repeatable)")
     _add_debug(p)
 
 

@@ -268,18 +268,22 @@ def eval_main(args) -> int:
 
 def run_eval(args, ks: list[int], n: int) -> tuple[dict, str]:
     """Generate, verify and score; returns (report, a one-line description of the settings)."""
-    from grpo_core.config import load_config
+    from grpo_core.config import ConfigError, load_config
     from grpo_core.data.dataset import PromptDataset
     from grpo_core.data.io import DataError
     from grpo_core.model import CausalLM
-    from grpo_core.rollout import build_engine
+    from grpo_core.rollout.factory import build_rollout_engine
     from grpo_core.run_setup import Scorer
     from grpo_core.tokenizer import Tokenizer
 
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise EvalError(f"CHECKPOINT {checkpoint} has no config.json (expected an HF-layout model directory)")
-    overrides = [f"rollout.max_new_tokens={args.max_new_tokens}"]
+    # --set KEY=VALUE (e.g. rollout.gpu_memory_utilization) and --engine (= --set rollout.engine=...), then ours.
+    overrides = list(getattr(args, "overrides", None) or [])
+    if getattr(args, "engine", None):
+        overrides.append(f"rollout.engine={args.engine}")
+    overrides.append(f"rollout.max_new_tokens={args.max_new_tokens}")
     # A trainer checkpoint carries its run's prompt template and stop strings: evaluate the policy on prompts
     # rendered the way it was trained (an explicit --prompt-template, when the CLI offers one, wins).
     trained = _training_config(checkpoint) or {}
@@ -287,19 +291,23 @@ def run_eval(args, ks: list[int], n: int) -> tuple[dict, str]:
     if template is None:
         template = trained.get("data", {}).get("prompt_template") or None
     stops = trained.get("rollout", {}).get("stop_strings") or []
-    cfg = load_config(None, overrides)
+    try:
+        cfg = load_config(None, overrides)
+    except ConfigError as e:
+        raise EvalError(str(e)) from e
     cfg.rollout.stop_strings = list(stops)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = Tokenizer.from_pretrained(checkpoint)
-    model = CausalLM.from_pretrained(checkpoint, dtype=dtype, device=device).eval()
     try:
         data = PromptDataset(args.data, tokenizer, prompt_template=template, max_prompt_tokens=None,
                              allow_unlabeled=False)
     except (DataError, FileNotFoundError) as e:
         raise EvalError(str(e)) from e
     samples = data.samples[: args.max_prompts] if args.max_prompts else data.samples
-    engine = build_engine("torch", model=model, tokenizer=tokenizer, device=device)
+    # rollout.engine decides (torch by default; vLLM sizes its KV cache from the GPU memory free now).
+    engine = build_rollout_engine(cfg, model_dir=checkpoint, tokenizer=tokenizer, device=device, dtype=dtype,
+                                  temperature=args.temperature, seed=args.seed, sleep_mode=False)
     scorer = Scorer(cfg)
     try:
         prompts = [s.prompt_ids for s in samples]
@@ -312,6 +320,13 @@ def run_eval(args, ks: list[int], n: int) -> tuple[dict, str]:
             [g.text or "" for g in greedy], [s.answer for s in samples], list(range(len(samples))))
     finally:
         scorer.close()
+    # The entropy scores need the model's forward: the torch engine's own model, else (vLLM) one loaded once
+    # the engine has given its memory back.
+    model = getattr(engine, "model", None)
+    if model is None:
+        engine.close()
+        model = CausalLM.from_pretrained(checkpoint, dtype=dtype, device=device)
+    model.eval()
     eas = response_entropy_area_scores(model, [samples[g.prompt_index].prompt_ids for g in sampled],
                                        [g.token_ids for g in sampled], args.temperature)
     records: dict[str, list[dict]] = defaultdict(list)
@@ -324,5 +339,6 @@ def run_eval(args, ks: list[int], n: int) -> tuple[dict, str]:
             "truncated": [g.finish_reason == "length" for g in gens], "eas": eas[span]})
     title = (f"grpo eval {checkpoint}: n={n} samples/prompt at temperature {args.temperature}, "
              f"max {args.max_new_tokens} new tokens, seed {args.seed}, "
+             f"{'' if cfg.rollout.engine == 'torch' else cfg.rollout.engine + ' engine, '}"
              f"prompts rendered with {'template ' + repr(template) if template else 'the chat template'}")
     return build_report(records, ks), title

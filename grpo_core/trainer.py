@@ -118,22 +118,17 @@ class Trainer:
         import deepspeed
 
         from grpo_core.model import CausalLM
-        from grpo_core.rollout import build_engine
+        from grpo_core.rollout.factory import build_rollout_engine
 
         cfg = self.cfg
         use_cuda = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if (cfg.deepspeed.bf16 == "on" or (cfg.deepspeed.bf16 == "auto" and use_cuda)) \
             else torch.float32
-        r = cfg.rollout
-        if r.engine == "vllm":
-            # Before the trainer takes GPU memory: vLLM sizes its KV cache from what is free now. It then
-            # sleeps (weights and KV cache released) until the first weight sync wakes it.
-            self.rollout_engine = build_engine(
-                "vllm", model_dir=self.run.model_dir, tokenizer=self.tokenizer, dtype=self.dtype,
-                gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
-                sleep_mode=r.sleep_mode, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                seed=cfg.trainer.seed)
-            self.rollout_engine.sleep()
+        # rollout.engine decides (grpo_core/rollout/factory.py), before the trainer takes GPU memory: vLLM sizes
+        # its KV cache from what is free now, then sleeps until the first weight sync wakes it.
+        self.rollout_engine = build_rollout_engine(cfg, model_dir=self.run.model_dir, tokenizer=self.tokenizer,
+                                                   device=self.device, dtype=self.dtype, release_on_sleep=True,
+                                                   vllm_asleep=True)
         policy = self.run.policy  # plain module, warm-started when configured
         policy.set_activation_checkpointing(cfg.model.activation_checkpointing)
         self.module = PolicyForward(policy, cfg.model.kernel_backend)
@@ -148,13 +143,6 @@ class Trainer:
             ref_cfg = {k: v for k, v in ds_cfg.items() if k not in ("optimizer", "gradient_clipping")}
             self.ref_engine, *_ = deepspeed.initialize(model=ref, config=ref_cfg)
             self.ref_engine.eval()
-        if r.engine == "torch":
-            # The torch engine owns a plain (unpartitioned) inference copy, refreshed once per rollout phase.
-            infer = CausalLM.from_pretrained(self.run.model_dir, dtype=self.dtype, device=self.device)
-            # It frees the copy's weights while the trainer updates (sleep) and re-allocates them at each sync.
-            self.rollout_engine = build_engine("torch", model=infer, tokenizer=self.tokenizer,
-                                               max_batch_size=r.max_batch_size, device=self.device,
-                                               release_on_sleep=True)
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         """The full policy weights under HF names (collective under ZeRO-3: every rank must call it)."""

@@ -39,8 +39,9 @@ def test_build_engine_without_vllm_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
-    with pytest.raises(ImportError, match=r"grpo-core\[gpu\]"):
+    with pytest.raises(ImportError, match=r"vllm>=0\.10\.2,<0\.35.*grpo-core\[gpu\]") as err:
         build_engine("vllm", model_dir="unused")
+    assert "\n" not in str(err.value)
 
 
 def test_vllm_engine_without_cuda_names_cuda_and_the_extra(monkeypatch):
@@ -55,8 +56,23 @@ def test_vllm_engine_without_cuda_names_cuda_and_the_extra(monkeypatch):
 def test_too_old_vllm_is_refused(monkeypatch, version):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     _install_fake_vllm(monkeypatch, version=version)
-    with pytest.raises(ImportError, match=r"vllm>=0\.10\.2,<0\.12.*grpo-core\[gpu\]"):
+    with pytest.raises(ImportError, match=r"vllm>=0\.10\.2,<0\.35.*grpo-core\[gpu\]") as err:
         ve.VLLMRolloutEngine("unused")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("version", ["0.35.0", "1.0.0"])
+def test_too_new_vllm_is_refused_unless_allowed(monkeypatch, version, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _install_fake_vllm(monkeypatch, version=version)
+    monkeypatch.delenv("GRPO_VLLM_ALLOW_UNTESTED", raising=False)
+    with pytest.raises(ImportError, match=r"vllm>=0\.10\.2,<0\.35 \(found vllm " + version) as err:
+        ve.VLLMRolloutEngine("unused")
+    assert "\n" not in str(err.value) and "GRPO_VLLM_ALLOW_UNTESTED=1" in str(err.value)
+    monkeypatch.setenv("GRPO_VLLM_ALLOW_UNTESTED", "1")
+    with caplog.at_level("WARNING"):
+        ve.check_vllm_version(version)
+    assert "newer than the releases" in caplog.text
 
 
 def test_version_parsing():
@@ -64,8 +80,9 @@ def test_version_parsing():
     assert ve.parse_version("0.11.1rc2.dev5+g12ab") == (0, 11, 1)
     assert ve.parse_version("0.10.1.1") == (0, 10, 1)
     assert ve.parse_version("1.0") == (1, 0, 0)
-    ve.check_vllm_version("0.10.2")
-    ve.check_vllm_version("0.11.2")
+    for v in ("0.10.2", "0.11.2", "0.20.2", "0.32.0", "0.34.0", "0.34.5rc1"):
+        ve.check_vllm_version(v)
+    assert ve.SUPPORTED_VLLM == ((0, 10, 2), (0, 35, 0))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -155,11 +172,11 @@ class _FakeLLM:
 
     def __init__(self, model, **kwargs):
         assert kwargs["distributed_executor_backend"] == "external_launcher" and kwargs["seed"] is not None
-        self.kwargs = kwargs
+        self.kwargs = dict(kwargs, model=model)
         self.lm = CausalLM.from_pretrained(model)
         self.tokenizer = Tokenizer.from_pretrained(model)
         self.runner_model = _FakeModel(self.lm)
-        self.worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(get_model=lambda: self.runner_model))
+        self.worker = types.SimpleNamespace(get_model=lambda: self.runner_model)  # vLLM's Worker.get_model
         self.llm_engine = types.SimpleNamespace(
             model_config=types.SimpleNamespace(max_model_len=self.lm.args.max_position_embeddings))
         self.events: list = []
@@ -233,6 +250,16 @@ def fake_vllm(monkeypatch):
 
 def _engine(model_dir, **kw):
     return build_engine("vllm", model_dir=model_dir, tokenizer=Tokenizer.from_pretrained(model_dir), **kw)
+
+
+@pytest.mark.parametrize("version", ["0.11.2", "0.32.0", "0.34.0"])
+def test_string_logprobs_mode_from_0_11(fake_vllm, tiny_dir, monkeypatch, version):
+    # 0.11+ types logprobs_mode as a Literal of strings and vllm.config no longer exports LogprobsMode (the API
+    # check found this): the engine passes the string without looking the type up.
+    fake_vllm.__version__ = version
+    monkeypatch.delitem(sys.modules, "vllm.config")
+    _engine(tiny_dir, temperature=1.0, top_p=0.9)
+    assert _FakeLLM.instances[-1].kwargs["logprobs_mode"] == "raw_logprobs"
 
 
 def test_engine_arguments_reach_vllm(fake_vllm, tiny_dir, monkeypatch):
@@ -403,3 +430,100 @@ def test_real_vllm_sleep_releases_memory(real_engine):
     engine.load_weight_buckets(iter_weight_buckets(model, 1 << 16, prefix_to_strip="", stats=SyncStats()))
     assert torch.cuda.mem_get_info()[0] < free_asleep
     assert engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, stop_token_ids=[]))
+
+
+# ----------------------------------------------------------------------------- one factory: training and evaluation
+def test_factory_decides_the_engine(fake_vllm, tiny_dir):
+    from grpo_core.config import load_config
+    from grpo_core.rollout.factory import build_rollout_engine
+
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    common = dict(model_dir=tiny_dir, tokenizer=tok, device="cpu", dtype=torch.float32)
+    cfg = load_config(None, ["rollout.max_batch_size=5"])
+    torch_engine = build_rollout_engine(cfg, release_on_sleep=True, **common)
+    assert isinstance(torch_engine, TorchRolloutEngine) and torch_engine.max_batch_size == 5
+    assert torch_engine.release_on_sleep
+    cfg = load_config(None, ["rollout.engine=vllm", "rollout.gpu_memory_utilization=0.3", "rollout.temperature=0.6",
+                             "rollout.top_p=0.9", "rollout.sleep_mode=true", "trainer.seed=11"])
+    engine = build_rollout_engine(cfg, **common)
+    kw = _FakeLLM.instances[-1].kwargs
+    assert isinstance(engine, ve.VLLMRolloutEngine) and kw["model"] == str(tiny_dir)
+    assert (kw["gpu_memory_utilization"], kw["enable_sleep_mode"], kw["seed"]) == (0.3, True, 11)
+    assert engine.logprobs_mode == "processed_logprobs"  # T=0.6 with top_p: the inexact case, warned about
+    # Evaluation's settings win over the rollout's: its own temperature and seed, no sleep mode.
+    build_rollout_engine(cfg, temperature=1.0, seed=3, sleep_mode=False, **common)
+    kw = _FakeLLM.instances[-1].kwargs
+    assert (kw["enable_sleep_mode"], kw["seed"], kw["logprobs_mode"]) == (False, 3, "raw_logprobs")
+    with pytest.raises(ValueError, match="'torch' or 'vllm'"):
+        build_rollout_engine(cfg, engine="hf", **common)
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(tmp_path_factory):
+    from grpo_core.data.io import write_dataset
+    from grpo_core.tasks.synthetic import make_train_test
+    from grpo_core.tiny import build_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("vllm_eval")
+    model_dir = build_tiny_model_dir(root / "model", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                     intermediate_size=64, seed=0)
+    _, test = make_train_test(["arith", "linear_eq"], 2, 4, seed=0, level=1)
+    return root, model_dir, str(write_dataset(test, root / "test.parquet"))
+
+
+def test_grpo_eval_with_the_vllm_engine(monkeypatch, eval_inputs, capsys):
+    """`grpo eval --engine vllm` generates with vLLM (the stand-in here; CUDA check bypassed) and scores the
+    same way: greedy decoding gives the very report the torch engine gives."""
+    from grpo_core.cli import main
+
+    _FakeLLM.instances.clear()
+    _install_fake_vllm(monkeypatch)
+    monkeypatch.setattr(ve, "require_cuda", lambda: None)
+    root, model_dir, data = eval_inputs
+    args = [model_dir, data, "--k", "1", "--temperature", "0", "--max-new-tokens", "6"]
+    assert main(["eval", *args, "--out", str(root / "torch")]) == 0
+    assert not _FakeLLM.instances
+    assert main(["eval", *args, "--engine", "vllm", "--set", "rollout.gpu_memory_utilization=0.7",
+                 "--out", str(root / "vllm")]) == 0
+    kw = _FakeLLM.instances[-1].kwargs
+    assert kw["model"] == model_dir and kw["gpu_memory_utilization"] == 0.7 and kw["enable_sleep_mode"] is False
+    import json
+
+    by_torch = json.loads((root / "torch" / "eval.json").read_text())
+    by_vllm = json.loads((root / "vllm" / "eval.json").read_text())
+    assert by_vllm == by_torch and by_vllm["overall"]["prompts"] == 4
+    assert "vllm engine" in (root / "vllm" / "eval.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", *args, "--set", "rollout.gpu_memory_utilization=2"]) == 2
+    assert "rollout.gpu_memory_utilization" in capsys.readouterr().err
+
+
+def test_trainer_periodic_evaluation_uses_the_vllm_engine(fake_vllm, eval_inputs):
+    """Trainer.evaluate generates with the rollout engine the factory built: vLLM when rollout.engine=vllm
+    (weights streamed in first, the engine put back to sleep after)."""
+    from grpo_core.config import load_config
+    from grpo_core.data.dataset import PromptDataset
+    from grpo_core.rollout.factory import build_rollout_engine
+    from grpo_core.run_setup import Scorer
+    from grpo_core.trainer import Trainer
+
+    root, model_dir, data = eval_inputs
+    cfg = load_config(None, ["rollout.engine=vllm", "rollout.max_new_tokens=6", "trainer.eval_max_prompts=4"])
+    tok = Tokenizer.from_pretrained(model_dir)
+    engine = build_rollout_engine(cfg, model_dir=model_dir, tokenizer=tok, device="cpu", dtype=torch.float32,
+                                  vllm_asleep=True)
+    llm = _FakeLLM.instances[-1]
+    assert llm.events == [("sleep", 2)]  # asleep from the start: its memory goes to the trainer
+    policy = CausalLM.from_pretrained(model_dir)
+    scorer = Scorer(cfg)
+    trainer = types.SimpleNamespace(
+        rollout_engine=engine, cfg=cfg, dist=types.SimpleNamespace(rank=0, world_size=1),
+        run=types.SimpleNamespace(eval_set=PromptDataset(data, tok), verifier=scorer),
+        sync_rollout_weights=lambda: sync_engine_weights(engine, policy, prefix_to_strip="").seconds)
+    llm.events.clear()
+    try:
+        res = Trainer.evaluate(trainer)
+    finally:
+        scorer.close()
+    assert res["n"] == 4 and 0.0 <= res["accuracy"] <= 1.0 and "accuracy_sampled" in res
+    assert llm.events[0] == ("wake_up", ("weights",)) and llm.events[-1] == ("sleep", 2)

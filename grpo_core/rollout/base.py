@@ -132,7 +132,9 @@ def build_engine(kind: Literal["torch", "vllm"], **kwargs) -> RolloutEngine:
         return TorchRolloutEngine(**kwargs)
     if kind == "vllm":
         if importlib.util.find_spec("vllm") is None:
-            raise ImportError("rollout.engine='vllm' needs vLLM: pip install 'grpo-core[gpu]'")
+            from grpo_core.rollout.vllm_compat import GPU_EXTRA, supported_range
+
+            raise ImportError(f"rollout.engine='vllm' needs vLLM ({supported_range()}): {GPU_EXTRA}")
         if importlib.util.find_spec("grpo_core.rollout.vllm_engine") is None:
             raise ImportError(
                 "rollout.engine='vllm': vLLM is installed but grpo_core.rollout.vllm_engine is not part of "

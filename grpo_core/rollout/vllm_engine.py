@@ -1,14 +1,17 @@
 """The vLLM rollout engine: one colocated vLLM instance per training rank, fed by the streaming weight sync.
 
-Written against vLLM 0.10.2 - 0.11.x (V1 engine; see SUPPORTED_VLLM). What it relies on:
+Supported: vLLM 0.10.2 - 0.34.x (SUPPORTED_VLLM). Every call into vLLM goes through
+grpo_core/rollout/vllm_compat.py, the one place that knows how releases differ (its docstring has the table
+release -> API used; benchmarks/check_vllm_api.py checks it against each release's source). What the engine
+relies on:
   - `LLM(model, distributed_executor_backend="external_launcher", ...)`: under torchrun every rank builds its
     own instance inside its own process; vLLM reuses the trainer's torch.distributed world and forms
     tensor-parallel groups of `tensor_parallel_size` consecutive ranks (world / tp independent instances).
     This backend switches vLLM's engine core to in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so weights are
     handed over as CUDA tensors with no serialisation, and it requires a fixed `seed`.
   - Weight loading: `LLM.collective_rpc(fn, args=(bucket,))` runs `fn(worker, bucket)` on this rank's worker;
-    `fn` calls `worker.model_runner.get_model().load_weights(bucket)`, the model's own HF-name loader (it
-    fuses q/k/v and gate/up, slices for TP and skips lm_head when tied) and returns the names it loaded.
+    `fn` calls `worker.get_model().load_weights(bucket)`, the model's own HF-name loader (it fuses q/k/v and
+    gate/up, slices for TP and skips lm_head when tied) and returns the names it loaded.
   - Sleep mode (`enable_sleep_mode=True`): `LLM.sleep(level=2)` discards weights and KV cache (the weights
     are re-sent by the next sync anyway, so nothing is copied to CPU); `LLM.wake_up(tags=["weights"])`
     re-maps the weight memory (vLLM restores its buffers, e.g. rotary tables), the sync loads the new
@@ -17,15 +20,11 @@ Written against vLLM 0.10.2 - 0.11.x (V1 engine; see SUPPORTED_VLLM). What it re
   - `logprobs_mode` (ModelConfig, 0.10.2+; see `choose_logprobs_mode`) so the returned per-token logprob
     follows grpo_core's convention `log_softmax(logits / T)[token]` before top-k / top-p
     (grpo_core/rollout/base.py). vLLM's default, "raw_logprobs", is `log_softmax(logits)` at T = 1;
-    "processed_logprobs" is taken after temperature AND after top-k/top-p renormalisation. So: no
-    truncation -> "processed_logprobs" (exact at every T); truncation at T == 1 -> "raw_logprobs" (exact);
-    truncation at T != 1 -> no mode matches: "processed_logprobs" with a warning (the logprob of a kept token
-    is then higher by -log(kept mass)). Greedy requests get T = 1 logprobs in both modes, as our convention.
-Version differences handled here: before 0.10.2 there is no processed mode (V1 only returned raw T = 1
-logprobs, and 0.8.x/0.9.x may silently run the V0 engine), so those versions are refused at start-up;
-`LogprobsMode` is an Enum in 0.10.x and a Literal of strings in 0.11.x (`_logprobs_mode_value`);
-`CompletionOutput.logprobs` is a list of {token_id: Logprob} or a FlatLogprobs (0.11+); both index as
-`logprobs[i][token_id].logprob`.
+    "processed_logprobs" is taken after temperature AND after top-k/top-p renormalisation (unchanged through
+    0.34). So: no truncation -> "processed_logprobs" (exact at every T); truncation at T == 1 ->
+    "raw_logprobs" (exact); truncation at T != 1 -> no mode matches: "processed_logprobs" with a warning (the
+    logprob of a kept token is then higher by -log(kept mass)). Greedy requests get T = 1 logprobs in both
+    modes, as our convention.
 
 Sampling semantics match the torch engine: each of the n samples of a prompt is its own vLLM request with a
 seed derived from (params.seed, request id, sample index), so results do not depend on how prompts are split
@@ -36,7 +35,6 @@ kept in token_ids.
 """
 from __future__ import annotations
 
-import enum
 import gc
 import importlib
 import logging
@@ -47,12 +45,13 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from grpo_core.rollout import vllm_compat as compat
 from grpo_core.rollout.base import Generation, RolloutEngine, SamplingParams, check_requests
+from grpo_core.rollout.vllm_compat import SUPPORTED_VLLM, check_vllm_version, parse_version  # noqa: F401 (API)
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_VLLM = ((0, 10, 2), (0, 12, 0))  # [min, max): the versions whose API this file was written against
-_GPU_EXTRA = "pip install 'grpo-core[gpu]'"
+_GPU_EXTRA = compat.GPU_EXTRA
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -64,37 +63,13 @@ def require_cuda() -> None:
                            f"CUDA machine: {_GPU_EXTRA}); use rollout.engine='torch' here")
 
 
-def parse_version(text: str) -> tuple[int, int, int]:
-    """'0.10.2', '0.11.1rc2.dev5+g1234', '0.10.1.1' -> (0, 10, 2), (0, 11, 1), (0, 10, 1)."""
-    parts = []
-    for piece in text.split("+")[0].split(".")[:3]:
-        digits = ""
-        for ch in piece:
-            if not ch.isdigit():
-                break
-            digits += ch
-        parts.append(int(digits or 0))
-    return tuple((parts + [0, 0, 0])[:3])
-
-
-def check_vllm_version(version: str) -> None:
-    """Refuse versions older than SUPPORTED_VLLM[0]; warn on newer ones (not yet checked against)."""
-    lo, hi = SUPPORTED_VLLM
-    v = parse_version(version)
-    span = f"vllm>={'.'.join(map(str, lo))},<{'.'.join(map(str, hi[:2]))}"
-    if v < lo:
-        raise ImportError(f"rollout.engine='vllm' needs {span} (found vllm {version}: it has no logprobs_mode to "
-                          f"return logprobs under grpo_core's convention); {_GPU_EXTRA}")
-    if v >= hi:
-        logger.warning("vllm %s is newer than the versions grpo_core's vLLM engine was written against (%s)",
-                       version, span)
-
-
 def _import_vllm():
+    """The vllm module, after one clear line when it is missing or outside SUPPORTED_VLLM."""
     try:
         vllm = importlib.import_module("vllm")
     except ImportError as e:
-        raise ImportError(f"rollout.engine='vllm' needs vLLM: {_GPU_EXTRA} ({e})") from None
+        raise ImportError(f"rollout.engine='vllm' needs vLLM ({compat.supported_range()}): {_GPU_EXTRA} ({e})") \
+            from None
     check_vllm_version(getattr(vllm, "__version__", "0"))
     return vllm
 
@@ -120,17 +95,6 @@ def _mode_is_exact(mode: str, params: SamplingParams) -> bool:
     return not truncated
 
 
-def _logprobs_mode_value(name: str):
-    """0.10.x types ModelConfig.logprobs_mode as an Enum, 0.11.x as a string Literal."""
-    try:
-        from vllm.config import LogprobsMode
-    except ImportError:
-        return name
-    if isinstance(LogprobsMode, type) and issubclass(LogprobsMode, enum.Enum):
-        return LogprobsMode(name)
-    return name
-
-
 # ----------------------------------------------------------------------------------------------- seeds
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
@@ -147,21 +111,7 @@ def request_seed(seed: int, request_id: int, sample_index: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-# ----------------------------------------------------------------------------------------------- worker-side
-def _load_into_model(worker, weights) -> list[str] | None:
-    """Runs inside vLLM's worker (in-process): load (HF name, tensor) pairs into the live model."""
-    runner = worker.model_runner
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-    loaded = model.load_weights(weights)
-    return None if loaded is None else sorted(loaded)
-
-
-def _model_param_names(worker) -> list[str]:
-    runner = worker.model_runner
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-    return [name for name, _ in model.named_parameters()]
-
-
+# ----------------------------------------------------------------------------------------------- set-up
 def _dtype_name(dtype) -> str:
     if isinstance(dtype, torch.dtype):
         names = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -240,19 +190,15 @@ class VLLMRolloutEngine(RolloutEngine):
                            "top_k=%s: rollout logprobs are of the truncated distribution (rollout-vs-trainer "
                            "mismatch and TIS weights include -log(kept mass))", temperature, top_p, top_k)
         _prepare_launcher_env()
-        kwargs = dict(
-            model=str(model_dir), dtype=_dtype_name(dtype), gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="external_launcher",
-            enable_sleep_mode=self.sleep_mode, seed=int(seed), logprobs_mode=_logprobs_mode_value(self.logprobs_mode),
-            generation_config="vllm",  # sampling comes only from our SamplingParams, never the model's defaults
-            enable_prefix_caching=True,  # the n samples of a prompt share its prefill
-        )
-        if max_model_len is not None:
-            kwargs["max_model_len"] = int(max_model_len)
+        self.vllm_version = str(getattr(vllm, "__version__", "0"))
+        kwargs = compat.llm_kwargs(
+            self.vllm_version, model=str(model_dir), dtype=_dtype_name(dtype),
+            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+            sleep_mode=self.sleep_mode, seed=seed, logprobs_mode=self.logprobs_mode, max_model_len=max_model_len)
         kwargs.update(llm_kwargs or {})
         self._vllm = vllm
         self.llm = vllm.LLM(**kwargs)
-        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.max_model_len = compat.max_model_len(self.llm)
         self._asleep = False
         self._weights_valid = True  # False after a level-2 sleep until the next full weight sync
         self._warned: set[tuple] = set()
@@ -262,7 +208,7 @@ class VLLMRolloutEngine(RolloutEngine):
         """Free weights and KV cache (level-2 sleep) while the trainer runs; no-op without sleep_mode."""
         if not self.sleep_mode or self._asleep or self.llm is None:
             return
-        self.llm.sleep(level=2)
+        compat.sleep(self.llm)
         self._asleep = True
         self._weights_valid = False
 
@@ -270,7 +216,7 @@ class VLLMRolloutEngine(RolloutEngine):
         """Re-allocate weights and KV cache. After `sleep` the weights are garbage until `sync_weights`."""
         if self._asleep:
             torch.cuda.empty_cache()  # hand the trainer's cached-but-free blocks back before vLLM maps its memory
-            self.llm.wake_up()
+            compat.wake_up(self.llm)
             self._asleep = False
 
     def close(self) -> None:
@@ -294,18 +240,18 @@ class VLLMRolloutEngine(RolloutEngine):
             raise RuntimeError("sync_weights called on a closed VLLMRolloutEngine")
         if self._asleep:
             torch.cuda.empty_cache()  # hand the trainer's cached-but-free blocks back before vLLM maps its memory
-            self.llm.wake_up(tags=["weights"])
+            compat.wake_up(self.llm, ["weights"])
         loaded: set[str] | None = set()
         for bucket in buckets:
-            names = self.llm.collective_rpc(_load_into_model, args=(bucket,))[0]
+            names = compat.load_weights(self.llm, bucket)
             loaded = None if (names is None or loaded is None) else loaded | set(names)
         if loaded is not None:
-            missing = sorted(set(self.llm.collective_rpc(_model_param_names)[0]) - loaded)
+            missing = sorted(set(compat.param_names(self.llm)) - loaded)
             if missing:
                 raise ValueError(f"sync_weights: {len(missing)} vLLM parameters were not given, e.g. {missing[:5]}")
         self._weights_valid = True
         if self._asleep:
-            self.llm.wake_up(tags=["kv_cache"])
+            compat.wake_up(self.llm, ["kv_cache"])
             self._asleep = False
         self.llm.reset_prefix_cache()
 
@@ -355,9 +301,7 @@ class VLLMRolloutEngine(RolloutEngine):
         Returns (all prompts, all request ids, index of this rank's first prompt)."""
         if self.tensor_parallel_size == 1:
             return prompts, keys, 0
-        from vllm.distributed.parallel_state import get_tp_group
-
-        group = get_tp_group()
+        group = compat.tp_group()
         parts = [None] * group.world_size
         torch.distributed.all_gather_object(parts, (prompts, keys), group=group.cpu_group)
         offset = sum(len(p) for p, _ in parts[:group.rank_in_group])
@@ -367,20 +311,16 @@ class VLLMRolloutEngine(RolloutEngine):
         """(prompt index, sample index, token_ids, logprobs, finish_reason, text) per sample, prompt-major."""
         if not prompts:
             return []
-        from vllm.inputs import TokensPrompt
-
         stop_ids = self._stop_ids(params)
         requests = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
         inputs, sampling = [], []
         for p, s in requests:
-            inputs.append(TokensPrompt(prompt_token_ids=prompts[p]))
-            sampling.append(self._vllm.SamplingParams(
-                n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            inputs.append(compat.tokens_prompt(prompts[p]))
+            sampling.append(self._vllm.SamplingParams(**compat.sampling_kwargs(
+                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                 max_tokens=min(params.max_new_tokens, self.max_model_len - len(prompts[p])),
-                stop=list(params.stop_strings) or None, stop_token_ids=stop_ids, ignore_eos=True,
-                include_stop_str_in_output=False, skip_special_tokens=True,
-                seed=request_seed(params.seed, keys[p], s), logprobs=0,
-            ))
+                stop=list(params.stop_strings) or None, stop_token_ids=stop_ids,
+                seed=request_seed(params.seed, keys[p], s))))
         outs = self.llm.generate(inputs, sampling, use_tqdm=False)  # returned in submission order
         if len(outs) != len(requests):
             raise RuntimeError(f"vLLM returned {len(outs)} outputs for {len(requests)} requests")
@@ -389,9 +329,7 @@ class VLLMRolloutEngine(RolloutEngine):
         for (p, s), out in zip(requests, outs):
             comp = out.outputs[0]
             token_ids = [int(t) for t in comp.token_ids]
-            if comp.logprobs is None or len(comp.logprobs) < len(token_ids):
-                raise RuntimeError("vLLM returned no per-token logprobs (SamplingParams.logprobs=0 was ignored)")
-            logprobs = [float(comp.logprobs[i][t].logprob) for i, t in enumerate(token_ids)]
+            logprobs = compat.token_logprobs(comp, token_ids)
             reason = self._finish_reason(comp.finish_reason, token_ids, stop_set)
             results.append((p, s, token_ids, logprobs, reason, self._text(comp, token_ids, reason, params)))
         return results
