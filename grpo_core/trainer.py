@@ -74,8 +74,14 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str = "none", force: bool = False):
         from grpo_core.run_setup import prepare_run
 
+        from grpo_core.runinfo import announce_deepspeed_build, print_header, provenance, quiet_known_warnings
+
         self.cfg = cfg
         self.t0 = time.time()
+        quiet_known_warnings()
+        self.provenance = provenance(cfg)  # versions, threads, commit, seed: printed now, kept in summary.json
+        print_header(cfg, self.provenance, resume)
+        announce_deepspeed_build(cfg.trainer.device)
         self.dist = gdist.init_distributed(cfg.trainer.device)
         self.device = self.dist.device
         self.out = Path(cfg.trainer.output_dir)
@@ -523,6 +529,7 @@ class Trainer:
         summary.update(self.run.warm_start_summary)
         summary["wall_seconds"] = time.time() - self.t0
         summary["final_checkpoint"] = str(self.out / "checkpoints" / f"step_{self.step:06d}" / "hf")
+        summary["provenance"] = self.provenance
         if self.dist.is_main:
             import json
 
