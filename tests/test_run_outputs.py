@@ -281,3 +281,24 @@ def _umask():
     from grpo_core.fsmode import current_umask
 
     return current_umask()
+
+
+def test_one_install_command_for_the_gpu_extra():
+    """README and every error that asks for the gpu extra quote the same command."""
+    import re
+
+    from grpo_core import GPU_EXTRA_INSTALL
+
+    assert GPU_EXTRA_INSTALL in (ROOT / "README.md").read_text()
+    others = []
+    for path in [*(ROOT / "grpo_core").rglob("*.py"), ROOT / "README.md"]:
+        for m in re.finditer(r"pip install[^\n`]*\[gpu\][^\n`]*", path.read_text()):
+            if GPU_EXTRA_INSTALL not in m.group(0):
+                others.append(f"{path.relative_to(ROOT)}: {m.group(0)}")
+    assert not others, others
+
+
+def test_readme_names_the_real_checkpoint_path():
+    text = (ROOT / "README.md").read_text()
+    assert "step_N/" not in text and "checkpoints/step_000100/hf/" in text
+    assert "configs/instruct_math.yaml" in text

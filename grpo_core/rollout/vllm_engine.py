@@ -47,12 +47,13 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from grpo_core import GPU_EXTRA_INSTALL
 from grpo_core.rollout.base import Generation, RolloutEngine, SamplingParams, check_requests
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ((0, 10, 2), (0, 12, 0))  # [min, max): the versions whose API this file was written against
-_GPU_EXTRA = "pip install 'grpo-core[gpu]'"
+_GPU_EXTRA = GPU_EXTRA_INSTALL
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
