@@ -31,7 +31,8 @@ class MetricsLogger:
         if progress_bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=initial_step, desc="grpo", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="RL steps", unit="step",
+                             dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop rows a killed run wrote after its last checkpoint, so the file reads as one run."""
@@ -133,6 +134,7 @@ def curve_figure(rows: list[dict], title: Optional[str] = None):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     train = [r for r in rows if r.get("phase") == "train"]
     evals = [r for r in rows if r.get("phase") == "eval"]
@@ -158,6 +160,7 @@ def curve_figure(rows: list[dict], title: Optional[str] = None):
         ax.set_title(name, fontsize=10)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("RL step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(lines) > 1:
             ax.legend(fontsize=8)
