@@ -13,6 +13,7 @@ import torch
 
 from grpo_core import distributed as gdist
 from grpo_core.packing import pack_sequences, plan_sequences
+from grpo_core.progress import generate_with_progress, progress_bar
 
 
 def _greedy_params(cfg, n: int = 1, temperature: float = 0.0, seed: int = 0):
@@ -31,8 +32,10 @@ def evaluate_accuracy(engine, eval_set, scorer, cfg, dist_info, greedy: bool | N
     samples = eval_set.get_batch(indices)
     greedy = cfg.trainer.eval_greedy if greedy is None else greedy
     temperature = 0.0 if greedy else cfg.rollout.temperature
-    gens = engine.generate([s.prompt_ids for s in samples], _greedy_params(cfg, temperature=temperature,
-                                                                         seed=cfg.trainer.seed))
+    gens = generate_with_progress(engine, [s.prompt_ids for s in samples],
+                                  _greedy_params(cfg, temperature=temperature, seed=cfg.trainer.seed),
+                                  desc=f"eval ({'greedy' if greedy else 'sampled'})", leave=False, delay=2.0,
+                                  enabled=cfg.logging.progress_bar)
     texts = [g.text or "" for g in gens]
     results = scorer.score(texts, [s.answer for s in samples], list(range(len(samples))), rows=samples)
     per_source: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -129,7 +132,8 @@ def response_entropy_area_scores(model, prompts: list[list[int]], responses: lis
     temp = entropy_temperature(temperature)
     device = next(model.parameters()).device
     eas = [0.0] * len(prompts)
-    for plan in plan_sequences([len(p) + len(r) for p, r in zip(prompts, responses)], max_tokens_per_forward):
+    plans = plan_sequences([len(p) + len(r) for p, r in zip(prompts, responses)], max_tokens_per_forward)
+    for plan in progress_bar(len(plans), "entropy (EAS)", unit="batch", delay=2.0, iterable=plans):
         plan = [i for i in plan if responses[i]]
         if not plan:
             continue
@@ -268,6 +272,8 @@ def eval_main(args) -> int:
 
 def run_eval(args, ks: list[int], n: int) -> tuple[dict, str]:
     """Generate, verify and score; returns (report, a one-line description of the settings)."""
+    import sys
+
     from grpo_core.config import ConfigError, load_config
     from grpo_core.data.dataset import PromptDataset
     from grpo_core.data.io import DataError
@@ -305,15 +311,20 @@ def run_eval(args, ks: list[int], n: int) -> tuple[dict, str]:
     except (DataError, FileNotFoundError) as e:
         raise EvalError(str(e)) from e
     samples = data.samples[: args.max_prompts] if args.max_prompts else data.samples
+    print(f"grpo eval: {len(samples)} prompts x {n} samples{'' if args.temperature == 0 else ' + 1 greedy'} "
+          f"from {checkpoint} on {device}", file=sys.stderr, flush=True)
     # rollout.engine decides (torch by default; vLLM sizes its KV cache from the GPU memory free now).
     engine = build_rollout_engine(cfg, model_dir=checkpoint, tokenizer=tokenizer, device=device, dtype=dtype,
                                   temperature=args.temperature, seed=args.seed, sleep_mode=False)
     scorer = Scorer(cfg)
     try:
         prompts = [s.prompt_ids for s in samples]
-        sampled = engine.generate(prompts, _greedy_params(cfg, n=n, temperature=args.temperature, seed=args.seed))
+        sampled = generate_with_progress(engine, prompts, _greedy_params(cfg, n=n, temperature=args.temperature,
+                                                                         seed=args.seed),
+                                         desc=f"generate ({n}/prompt, T={args.temperature:g})")
         # At temperature 0 the samples are the greedy responses already.
-        greedy = sampled[::n] if args.temperature == 0 else engine.generate(prompts, _greedy_params(cfg))
+        greedy = sampled[::n] if args.temperature == 0 else generate_with_progress(
+            engine, prompts, _greedy_params(cfg), desc="generate (greedy)")
         s_res = scorer.score([g.text or "" for g in sampled], [samples[g.prompt_index].answer for g in sampled],
                              [g.prompt_index for g in sampled])
         g_res = s_res[::n] if args.temperature == 0 else scorer.score(

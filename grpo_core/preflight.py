@@ -8,10 +8,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+from grpo_core import GPU_EXTRA_INSTALL
 from grpo_core.config import Config
 from grpo_core.errors import PreflightError
 
-GPU_EXTRA = "pip install -e '.[gpu]'"
+GPU_EXTRA = GPU_EXTRA_INSTALL
 
 
 def check_model_dir(path: str, key: str = "model.path") -> None:

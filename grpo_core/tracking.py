@@ -31,7 +31,8 @@ class MetricsLogger:
         if progress_bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=initial_step, desc="grpo", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="RL steps", unit="step",
+                             dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop rows a killed run wrote after its last checkpoint, so the file reads as one run."""
@@ -95,35 +96,91 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
-def plot_curves(metrics_path: str | Path, out_png: str | Path, title: Optional[str] = None) -> None:
-    """PNG of train reward/accuracy per step with held-out accuracy points on top."""
+# One panel per quantity: (title, y-axis label, scale applied to the values, [(metric key, legend label)]).
+# Fractions of tokens are small (often < 1 %): each gets its own panel, in percent, on its own y range, so
+# they never sit flat on zero next to a quantity of order 1. Panels whose keys never appear are left out.
+CURVE_PANELS: tuple[tuple[str, str, float, tuple[tuple[str, str], ...]], ...] = (
+    ("reward", "mean reward per response", 1.0, (("reward/mean", "train (rollouts)"),)),
+    ("accuracy", "fraction correct", 1.0, (("accuracy", "train (rollouts, sampled)"),)),
+    ("entropy", "nats per token", 1.0, (("entropy/mean", "policy entropy"),)),
+    ("response length", "tokens", 1.0, (("response_len/mean", "mean"), ("response_len/max", "max"))),
+    ("clipped tokens", "% of response tokens", 100.0,
+     (("clip/low_frac", "ratio < 1 - eps_low"), ("clip/high_frac", "ratio > 1 + eps_high"))),
+    ("NSR rescued tokens", "% of response tokens", 100.0, (("nsr/rescue_frac", "rescued"),)),
+    ("Hidden-Align", "cosine to group anchor", 1.0, (("hidden_align/cos", "mean cosine"),)),
+    ("KL to the old policy", "nats per token", 1.0, (("kl_old/approx", "approx. KL"), ("actor/kl_ref", "KL to ref"))),
+    ("gradient norm", "L2 norm (before clipping)", 1.0, (("grad_norm", "grad norm"),)),
+    ("step time", "seconds per step", 1.0,
+     (("time/rollout_s", "rollout"), ("time/update_s", "update"), ("time/old_logprob_s", "old logprobs"))),
+)
+
+
+def _series(rows: list[dict], key: str, scale: float) -> tuple[list[int], list[float]]:
+    """(steps, values) of the rows that carry a finite number under key."""
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(r["step"])
+            ys.append(v * scale)
+    return xs, ys
+
+
+def curve_figure(rows: list[dict], title: Optional[str] = None):
+    """The matplotlib Figure of a run's metric rows (as in metrics.jsonl): one panel per quantity
+    (CURVE_PANELS) with its unit on the y axis; held-out accuracy (phase "eval" rows) joins the accuracy
+    panel. Each drawn axis carries its panel name as title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    rows = read_metrics(metrics_path)
     train = [r for r in rows if r.get("phase") == "train"]
     evals = [r for r in rows if r.get("phase") == "eval"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [r["step"] for r in train]
-    for key, label in (("reward/mean", "train reward"), ("accuracy", "train accuracy")):
-        axes[0].plot(steps, [r.get(key) for r in train], label=label)
-    if evals:
-        axes[0].plot([r["step"] for r in evals], [r.get("accuracy") for r in evals], "o-", label="held-out accuracy")
-    axes[0].set_xlabel("RL step")
-    axes[0].legend()
-    axes[0].grid(alpha=0.3)
-    for key in ("entropy/mean", "clip/high_frac", "nsr/rescue_frac"):
-        if any(key in r for r in train):
-            axes[1].plot(steps, [r.get(key) for r in train], label=key)
-    axes[1].set_xlabel("RL step")
-    axes[1].legend()
-    axes[1].grid(alpha=0.3)
+    panels = []
+    for name, ylabel, scale, keys in CURVE_PANELS:
+        lines = [(label, *_series(train, key, scale)) for key, label in keys]
+        if name == "accuracy":
+            for key, label in (("accuracy", "held-out (greedy)"), ("accuracy_sampled", "held-out (sampled)")):
+                lines.append((label, *_series(evals, key, scale)))
+        lines = [ln for ln in lines if ln[1]]
+        if lines:
+            panels.append((name, ylabel, lines))
+    ncols = 3 if len(panels) > 4 else max(1, min(2, len(panels)))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.3 * nrows), squeeze=False)
+    for ax, (name, ylabel, lines) in zip(axes.flat, panels):
+        for label, xs, ys in lines:
+            held_out = label.startswith("held-out")
+            ax.plot(xs, ys, "o-" if held_out or len(xs) == 1 else "-", label=label, markersize=4,
+                    linewidth=1.8 if held_out else 1.2)
+        if name == "accuracy":
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(name, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("RL step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    if not panels:
+        axes.flat[0].set_visible(True)
+        axes.flat[0].text(0.5, 0.5, "no metrics logged yet", ha="center", va="center")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(metrics_path: str | Path, out_png: str | Path, title: Optional[str] = None) -> None:
+    """Write curve_figure() of a metrics.jsonl to a PNG (atomically: temp file, then rename)."""
+    import matplotlib.pyplot as plt
+
+    fig = curve_figure(read_metrics(metrics_path), title)
     tmp = Path(str(out_png) + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, out_png)

@@ -78,8 +78,14 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str = "none", force: bool = False):
         from grpo_core.run_setup import prepare_run
 
+        from grpo_core.runinfo import announce_deepspeed_build, print_header, provenance, quiet_known_warnings
+
         self.cfg = cfg
         self.t0 = time.time()
+        quiet_known_warnings()
+        self.provenance = provenance(cfg)  # versions, threads, commit, seed: printed now, kept in summary.json
+        print_header(cfg, self.provenance, resume)
+        announce_deepspeed_build(cfg.trainer.device)
         self.dist = gdist.init_distributed(cfg.trainer.device)
         self.device = self.dist.device
         self.out = Path(cfg.trainer.output_dir)
@@ -456,6 +462,7 @@ class Trainer:
         summary["opt_steps"] = self.opt_steps
         if stopped_by is not None:
             summary["stopped_by"] = stopped_by
+        summary["provenance"] = self.provenance
         if self.dist.is_main:
             import json
 

@@ -10,6 +10,7 @@ import torch
 
 from grpo_core.config import Config
 from grpo_core.packing import pack_sequences
+from grpo_core.progress import progress_bar
 
 
 def _sequences(train_set, tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -35,6 +36,7 @@ def supervised_warm_start(policy, tokenizer, train_set, cfg: Config, device: tor
     opt = torch.optim.AdamW(policy.parameters(), lr=ws.lr, weight_decay=0.0)
     t0 = time.time()
     losses = []
+    bar = progress_bar(ws.steps, "warm start (supervised)", unit="step", enabled=cfg.logging.progress_bar)
     for step in range(ws.steps):
         lr = ws.lr * min(1.0, (step + 1) / max(1, ws.steps // 10)) * (0.5 + 0.5 * (1 - step / ws.steps))
         for g in opt.param_groups:
@@ -50,6 +52,10 @@ def supervised_warm_start(policy, tokenizer, train_set, cfg: Config, device: tor
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
+        bar.update(1)
+        if step % 10 == 0 or step == ws.steps - 1:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", refresh=False)
+    bar.close()
     policy.zero_grad(set_to_none=True)
     return {"warm_start_steps": ws.steps, "warm_start_final_loss": sum(losses[-10:]) / len(losses[-10:]),
             "warm_start_seconds": time.time() - t0}

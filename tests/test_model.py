@@ -2,10 +2,12 @@
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
 
+from grpo_core import GPU_EXTRA_INSTALL
 from grpo_core.model import CausalLM, KVCache, ModelArgs
 from grpo_core.model import checkpoint_io
 
@@ -274,7 +276,7 @@ def test_attn_backend_choice():
         CausalLM(args, attn_backend="xformers")
     from grpo_core.model.attention import flash_attn_installed
     if not flash_attn_installed():
-        with pytest.raises(ImportError, match=r"pip install 'grpo-core\[gpu\]'"):
+        with pytest.raises(ImportError, match=re.escape(GPU_EXTRA_INSTALL)):
             CausalLM(args, attn_backend="flash_attn")
     model = CausalLM.from_config(args, attn_backend="sdpa")
     assert model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 16)

@@ -1,11 +1,13 @@
 """Rollout engine: counter-based sampling, the torch engine on the tiny model (determinism, batching
 invariance, logprob parity with a full forward, greedy / top-k / top-p, stop conditions), weight loading."""
 import dataclasses
+import re
 import math
 
 import pytest
 import torch
 
+from grpo_core import GPU_EXTRA_INSTALL
 from grpo_core.rollout import Generation, SamplingParams, TorchRolloutEngine, build_engine
 from grpo_core.rollout.sampling import (gumbel_noise, hash32, mask_top_k, mask_top_p, request_keys,
                                         sample_tokens, step_keys)
@@ -108,7 +110,7 @@ def test_build_engine_errors():
     try:
         import vllm  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match=r"pip install 'grpo-core\[gpu\]'"):
+        with pytest.raises(ImportError, match=re.escape(GPU_EXTRA_INSTALL)):
             build_engine("vllm")
 
 

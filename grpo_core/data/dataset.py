@@ -122,8 +122,10 @@ class PromptDataset:
                             f"({self.num_dropped_too_long} dropped as too long)")
 
     def _render(self, samples: list[Sample], path: Path) -> tuple[list[Sample], int]:
+        from grpo_core.progress import progress_bar
+
         kept, dropped = [], 0
-        for sample in samples:
+        for sample in progress_bar(len(samples), f"tokenizing {path.name}", unit="row", delay=2.0, iterable=samples):
             try:
                 text = render_prompt(sample.messages, self.tokenizer, self.prompt_template, self.chat_template_kwargs)
             except DataError as exc:

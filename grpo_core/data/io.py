@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from grpo_core.fsmode import follow_umask
+
 PARQUET_SUFFIXES = (".parquet",)
 JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -96,6 +98,7 @@ def write_dataset(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pa
                 fd = -1
                 for row in rows:
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        follow_umask(tmp_name)  # mkstemp made it 0600
         os.replace(tmp_name, path)
     except BaseException:
         if fd >= 0:

@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grpo_core import GPU_EXTRA_INSTALL
 from grpo_core.model.config import ModelArgs
 from grpo_core.model.kv_cache import KVCache
 from grpo_core.model.layers import RMSNorm, apply_rotary
 
 ATTN_BACKENDS = ("auto", "sdpa", "flash_attn")
-_FLASH_MISSING = "attn_backend='flash_attn' needs flash-attn: pip install 'grpo-core[gpu]'"
+_FLASH_MISSING = f"attn_backend='flash_attn' needs flash-attn (the gpu extra): {GPU_EXTRA_INSTALL}"
 # SDPA grew native grouped-query support (enable_gqa) in torch 2.5; before that k/v are repeated.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from grpo_core.fsmode import follow_umask
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -156,6 +158,7 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
         # One shard at a time on the CPU: a gathered ZeRO-3 state dict may live on the GPU.
         shard = {k: tensors[k].detach().to("cpu").contiguous() for k in keys}
         save_file(shard, str(directory / name), metadata={"format": "pt"})
+        follow_umask(directory / name)  # safetensors writes 0600
         weight_map.update({k: name for k in keys})
         del shard
     written = list(names)

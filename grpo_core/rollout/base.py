@@ -19,6 +19,8 @@ from typing import Iterable, Literal
 
 import torch
 
+from grpo_core import GPU_EXTRA_INSTALL
+
 
 @dataclass
 class SamplingParams:
@@ -132,9 +134,9 @@ def build_engine(kind: Literal["torch", "vllm"], **kwargs) -> RolloutEngine:
         return TorchRolloutEngine(**kwargs)
     if kind == "vllm":
         if importlib.util.find_spec("vllm") is None:
-            from grpo_core.rollout.vllm_compat import GPU_EXTRA, supported_range
+            from grpo_core.rollout.vllm_compat import supported_range
 
-            raise ImportError(f"rollout.engine='vllm' needs vLLM ({supported_range()}): {GPU_EXTRA}")
+            raise ImportError(f"rollout.engine='vllm' needs vLLM ({supported_range()}): {GPU_EXTRA_INSTALL}")
         if importlib.util.find_spec("grpo_core.rollout.vllm_engine") is None:
             raise ImportError(
                 "rollout.engine='vllm': vLLM is installed but grpo_core.rollout.vllm_engine is not part of "

@@ -46,6 +46,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from grpo_core import GPU_EXTRA_INSTALL
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ((0, 10, 2), (0, 35, 0))  # [oldest, first unsupported)
@@ -55,7 +57,7 @@ CHECKED_RELEASES = (
     "0.20.2", "0.21.0", "0.22.1", "0.23.0", "0.24.0", "0.25.1", "0.26.0", "0.27.1", "0.28.0", "0.29.0",
     "0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0",
 )
-GPU_EXTRA = "pip install 'grpo-core[gpu]'"
+GPU_EXTRA = GPU_EXTRA_INSTALL  # the one install command, as the README gives it
 ALLOW_UNTESTED_ENV = "GRPO_VLLM_ALLOW_UNTESTED"  # =1: a release outside the range only warns
 
 
