@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from grpo_core.verify.equivalence import as_intervals, choice_letter, structures_equal
+from grpo_core.verify.equivalence import Side, as_intervals, choice_letter, structures_equal
 from grpo_core.verify.extract import ExtractConfig, extract_span, gold_span
 from grpo_core.verify.values import (
     PM,
@@ -26,9 +26,9 @@ from grpo_core.verify.values import (
     SetOf,
     UnionOf,
 )
-from grpo_core.verify.latex_parser import parse_math
+from grpo_core.verify.latex_parser import parse_with_decimals
 from grpo_core.verify.limits import Deadline, ParseError, TooBig, time_guard
-from grpo_core.verify.normalize import MATH_NAMES, NormalizedAnswer, normalize_span
+from grpo_core.verify.normalize import MATH_NAMES, NormalizedAnswer, decimal_comma_reading, normalize_span
 
 _GOLD_CHOICE = re.compile(r"\(?([A-J])\)?")
 _WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
@@ -82,11 +82,16 @@ class VerifyResult:
 @functools.lru_cache(maxsize=4096)
 def _parse_cached(text: str):
     # Parsed values are immutable (sympy objects, frozen dataclasses); golds repeat across a group.
-    return parse_math(text)
+    return parse_with_decimals(text)
 
 
 def _parse(norm: NormalizedAnswer):
-    return _parse_cached(norm.text)
+    return _parse_cached(norm.text)[0]
+
+
+def _parse_side(norm: NormalizedAnswer):
+    value, places = _parse_cached(norm.text)
+    return value, Side(norm, places)
 
 
 def extract_answer(response: str, config: VerifyConfig | None = None) -> str | None:
@@ -126,6 +131,8 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
         return False, "no_answer"
     if not ng.text:
         return False, "no_gold"
+    if na.rejected or ng.rejected:
+        return False, "wrong"
     if na.text.replace(" ", "") == ng.text.replace(" ", "") and na.percent == ng.percent:
         return True, "correct"
     if _is_word_answer(na.text) and _is_word_answer(ng.text):
@@ -137,17 +144,24 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
         ok = choice_letter(na.text) == gold_letter.group(1)
         return ok, ("correct" if ok else "wrong")
     try:
-        parsed_gold = _parse(ng)
+        parsed_gold, gold_side = _parse_side(ng)
     except (ParseError, TooBig, RecursionError):
         return False, "gold_unparsable"
     try:
-        parsed_answer = _parse(na)
+        parsed_answer, answer_side = _parse_side(na)
     except TooBig:
         return False, "too_big"
     except (ParseError, RecursionError):
         return False, "unparsable"
     try:
-        ok = structures_equal(parsed_answer, parsed_gold, na, ng)
+        ok = structures_equal(parsed_answer, parsed_gold, answer_side, gold_side)
+        if not ok and isinstance(parsed_gold, sympy.Basic) and not parsed_gold.is_Integer:
+            # "3,4" for a gold 3.4: a decimal comma, read so only when the gold is one non-integer number
+            alt = decimal_comma_reading(na.text)
+            if alt is not None:
+                alt_norm = NormalizedAnswer(alt, na.percent, None)
+                parsed_alt, alt_side = _parse_side(alt_norm)
+                ok = structures_equal(parsed_alt, parsed_gold, alt_side, gold_side)
     except (ValueError, TypeError, ArithmeticError, AttributeError, NotImplementedError):
         # sympy itself gave up on the comparison (e.g. complex AccumulationBounds): cannot judge.
         return False, "unjudgeable"
