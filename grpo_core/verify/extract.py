@@ -67,6 +67,7 @@ _PHRASE_RE = re.compile(
     r"(?:final\s+answer\s*\**\s*(?:is|:)|the\s+answer\s+is|answer\s*\**\s*:|^\s*####)[\s*]*(?::\s*)?",
     re.IGNORECASE | re.MULTILINE,
 )
+_FINAL_PHRASE_RE = re.compile(r"final\s+answer\s*\**\s*(?:is|:)|the\s+answer\s+is", re.IGNORECASE)
 _IS_THE_ANSWER_RE = re.compile(
     r"(\$[^$]{1,200}\$|\\\(.{1,200}?\\\)|[^\s$]{1,60})\s+is\s+(?:the|our)\s+(?:final\s+)?answer\b", re.IGNORECASE
 )
@@ -86,7 +87,10 @@ _BOILERPLATE_RE = re.compile(
     r"|Is there anything else[^.!?\n]*)[.!?]?[\s*]*)+$",
     re.IGNORECASE,
 )
-_VERB_RE = re.compile(r"(?:\b(?:is|are|was|equals|equal to|be|becomes|gives|get|obtain)\b|=|:)\s*", re.IGNORECASE)
+_VERB_RE = re.compile(
+    r"(?:\b(?:is|are|was|equals|equal to|be|becomes|gives|get|obtain)\b|=|:|\bby(?=\s*[\d.]+\s*\\?%))\s*",
+    re.IGNORECASE,
+)
 _CONCLUSION_RE = re.compile(
     r"\s*(?:therefore|thus|so|hence|in conclusion|in total|finally|altogether|overall|consequently|in summary)\b",
     re.IGNORECASE,
@@ -192,7 +196,8 @@ def _math_spans(text: str) -> list[tuple[int, int, str]]:
                 j = text.find(closer, i + 2)
                 if j < 0:
                     return spans
-                spans.append((i, j + 2, text[i + 2 : j]))
+                if nxt == "[" or "\n" not in text[i + 2 : j]:  # inline math does not span lines
+                    spans.append((i, j + 2, text[i + 2 : j]))
                 i = j + 2
                 continue
             i += 2
@@ -207,7 +212,8 @@ def _math_spans(text: str) -> list[tuple[int, int, str]]:
                 if text[j - 1] != "\\":
                     break
                 j += 1
-            spans.append((i, j + len(delim), text[i + len(delim) : j]))
+            if delim == "$$" or "\n" not in text[i + 1 : j]:  # inline math does not span lines
+                spans.append((i, j + len(delim), text[i + len(delim) : j]))
             i = j + len(delim)
             continue
         i += 1
@@ -304,6 +310,8 @@ def _phrase_answer(text: str) -> str | None:
     else:
         span = re.split(r"\.\s|\.$", line, maxsplit=1)[0]
     span = span.strip().strip("*").rstrip(".").strip()
+    if span.startswith(('\\"', '"')) and span.endswith('"'):  # The final answer is "$12$ and $13$".
+        span = span.lstrip("\\").strip('"').rstrip("\\").strip()
     if not span:
         return None
     words = re.findall(r"[A-Za-z]{2,}", re.sub(r"\$[^$]*\$|\\[A-Za-z]+", " ", span))
@@ -311,6 +319,9 @@ def _phrase_answer(text: str) -> str | None:
         inner = _sentence_answer(span, require_prose=False)
         if inner is not None:
             return inner
+        numbers = _NUM_TOKEN_RE.findall(span)
+        if len(numbers) == 1 and "$" not in span:  # "Final Answer: Jane started growing it 3 hours ago."
+            return numbers[0]
     return span
 
 
@@ -326,6 +337,13 @@ def extract_span(response: str, config: ExtractConfig | None = None) -> str | No
     if config.use_boxed:
         found, span = _last_boxed(text, config.join_adjacent_boxes)
         if found:
+            later = _last_match(_FINAL_PHRASE_RE, text[-SENTENCE_WINDOW:]) if config.use_phrases else None
+            last_box = text.rfind("\\boxed")
+            if later is not None and max(0, len(text) - SENTENCE_WINDOW) + later.start() > max(last_box, text.rfind("\\fbox")):
+                # "... \boxed{255} ... Final Answer: The final answer is $10,455$": the later statement wins
+                phrase = _phrase_answer(text)
+                if phrase is not None:
+                    return _cap(phrase)
             return _cap(span)
     if config.use_phrases:
         span = _phrase_answer(text)
@@ -363,10 +381,15 @@ def _cap(span: str | None) -> str | None:
 
 
 def gold_span(gold: str) -> str | None:
-    """The answer span of a gold label: the content of its last \\boxed{} if it has one, else all of it."""
+    """The answer span of a gold label: the content of its last \\boxed{} (adjacent boxes joined) if it has
+    one; for a long worked solution without a box, the answer it states; else all of it."""
     if not isinstance(gold, str):
         return None
-    found, span = _last_boxed(gold[-MAX_RESPONSE_CHARS:])
+    found, span = _last_boxed(gold[-MAX_RESPONSE_CHARS:], join=True)
     if found:
         return _cap(span)
+    if len(gold) > 200 and _has_prose(gold):  # a worked solution given as the gold: its stated answer
+        stated = extract_span(gold, ExtractConfig(bare_max_chars=0))
+        if stated is not None:
+            return stated
     return _cap(gold.strip().strip("$"))

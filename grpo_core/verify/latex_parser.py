@@ -234,9 +234,13 @@ class _Parser:
 
     def union(self):
         parts = [self.relation()]
-        while self.peek() == r"\cup":
-            self.take()
-            parts.append(self.relation())
+        while self.peek() in (r"\cup", r"\setminus", "\\"):
+            op = self.take()
+            right = self.relation()
+            if op == r"\cup":
+                parts.append(right)
+            else:  # interval minus finitely many points: \mathbb{R} \setminus \{0\}
+                parts[-1:] = _remove_points(parts[-1], right)
         return parts[0] if len(parts) == 1 else UnionOf(tuple(parts))
 
     def relation(self):
@@ -613,6 +617,21 @@ def _number(tok: str):
             raise TooBig("scientific exponent too large")
         value = value * sympy.Integer(10) ** int(exponent)
     return value
+
+
+def _remove_points(interval, points) -> list:
+    if not (isinstance(interval, Bracketed) and len(interval.items) == 2 and isinstance(points, SetOf)):
+        raise ParseError("unsupported set difference")
+    lo, hi = interval.items
+    cuts = sorted(set(points.items), key=lambda p: float(p) if p.is_real and p.is_number else math.inf)
+    if not all(isinstance(p, sympy.Basic) and p.is_number and p.is_real and bool(lo < p < hi) for p in cuts):
+        raise ParseError("unsupported set difference")
+    pieces, left, start = [], interval.left, lo
+    for p in cuts:
+        pieces.append(Bracketed((start, p), left, ")"))
+        left, start = "(", p
+    pieces.append(Bracketed((start, hi), left, interval.right))
+    return pieces
 
 
 def _matrix_add(a: MatrixOf, b: MatrixOf, sign: int) -> MatrixOf:

@@ -19,6 +19,7 @@ Rules (documented contract; the same function is applied to the response's answe
   after the comma, or a leading ``0,``), European ``2.500,75``;
 * ``+7 2/3`` / ``7 2/3`` (whole answer) is the mixed number 23/3, but only with spaces on one line
   (``7\n1/4`` is not a number) and never with a percent sign (``7 1/4%`` is ambiguous: rejected);
+* ordinal suffixes (``5th``, ``5^{\\text{th}}``) are dropped; a single number word (``five``) is its number;
 * ``nan`` is never a value (rejected).
 """
 
@@ -75,6 +76,20 @@ _PERCENT_RE = re.compile(r"\\?%")
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _MIXED_RE = re.compile(r"([-+]?)(\d+) +(\d+) */ *(\d+)")
 _TRAILING_WORDS_RE = re.compile(r"(?:\s+(?:[A-Za-z]{2,}(?:/[A-Za-z]+)*|[A-Za-z]/[A-Za-z]+)\.?(?:\^\{?\d\}?)?)+\s*$")
+_ATTACHED_UNIT_RE = re.compile(
+    r"(?<=\d)\s*(?:(?:cm|mm|km|kg|mg|ml|mL|ft|in|lb|lbs|oz|mph|hrs?|min|sec|m|g|s|h)(?:\^\{?[23]\}?)"
+    r"|(?:cm|mm|km|kg|mg|ml|mL|ft|lbs?|oz|mph|hrs?|min|sec|km/h|m/s))$"
+)
+_ORDINAL_RE = re.compile(r"(?<=\d)\s*(?:\^\s*\{\s*(?:\\(?:text|mathrm)\s*\{)?\s*(?:st|nd|rd|th)\s*\}?\s*\}|\\(?:text|mathrm)\s*\{\s*(?:st|nd|rd|th)\s*\}|(?:st|nd|rd|th)\b)")
+_WORD_NUMBERS = {
+    w: str(i)
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen twenty".split()
+    )
+}
+_WORD_NUMBERS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80",
+                      "ninety": "90", "hundred": "100", "thousand": "1000", "million": "1000000"})
 _LABEL_RE = re.compile(r"^\s*[A-Za-z][A-Za-z ]{2,}\s*[=:]\s*(?=\S)")
 _SPACE_GROUPS_RE = re.compile(r"(?<![\d.])(\d{1,3})((?: \d{3})+)(?![\d/])")
 _DECIMAL_COMMA_RE = re.compile(r"(-?)(\d+),(\d+)")
@@ -133,7 +148,7 @@ def normalize_span(span: str) -> NormalizedAnswer:
         if ch in s:
             s = s.replace(ch, rep)
     s = s.replace("\\$", " ").replace("$", " ")
-    s = re.sub(r",\\!\s*", ",", s).replace("{,}", ",").replace("\\!", "")
+    s = re.sub(r",\\!\s*|\s*\{\s*,\s*\}\s*", ",", s).replace("\\!", "")
     joined = re.search(r"\b(?:or|and)\b", s) is not None and re.search(r"\d|\\|=|<|>", s) is not None
     s = re.sub(r"\\mathbb\s*\{\s*R\s*\}|\\R(?![A-Za-z])", r"(-\\infty,\\infty)", s)
     s = re.sub(r"\\langle(?![A-Za-z])", "(", s)
@@ -144,6 +159,7 @@ def normalize_span(span: str) -> NormalizedAnswer:
     s = re.sub(r"\\[dt]binom(?![A-Za-z])", r"\\binom", s)
     s = _DROP_CMDS.sub(" ", s)
     s = _DEGREE_RE.sub("", s)
+    s = _ORDINAL_RE.sub("", s)
     s = _unwrap_text_commands(s)
     s = s.replace("{,}", ",")
     s = re.sub(r"\s*\b(?:per\s*cent(?:age)?|pct)\b", "%", s, flags=re.IGNORECASE)
@@ -173,6 +189,9 @@ def normalize_span(span: str) -> NormalizedAnswer:
     euro = _EURO_RE.fullmatch(s)
     if euro:
         s = euro.group(1).replace(".", "") + "." + euro.group(2)
+    attached = _ATTACHED_UNIT_RE.search(s)
+    if attached and attached.start() > 0:
+        s = s[: attached.start()].strip()
     if _THOUSANDS_RE.fullmatch(s) and not s.lstrip("-").startswith("0,"):
         s = s.replace(",", "")
     comma = _DECIMAL_COMMA_RE.fullmatch(s)
@@ -184,6 +203,9 @@ def normalize_span(span: str) -> NormalizedAnswer:
         if percent or split_number:
             rejected = True
         s = f"{'-' if sign == '-' else ''}({whole}+{num}/{den})"
+    word = _WORD_NUMBERS.get(s.lower())
+    if word is not None:  # "\\text{five}"
+        s = word
     dec = _DECIMAL_RE.fullmatch(s)
     decimals = len(dec.group(2)) if dec else None
     return NormalizedAnswer(text=s, percent=percent, decimals=decimals, joined_by_words=joined, rejected=rejected)
