@@ -234,7 +234,7 @@ class _Parser:
 
     def union(self):
         parts = [self.relation()]
-        while self.peek() in (r"\cup", r"\setminus", "\\"):
+        while self.peek() in (r"\cup", r"\setminus", r"\backslash"):
             op = self.take()
             right = self.relation()
             if op == r"\cup":
