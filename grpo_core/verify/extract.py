@@ -64,7 +64,7 @@ class ExtractConfig:
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _PHRASE_RE = re.compile(
-    r"(?:final\s+answer\s*\**\s*(?:is|:)|the\s+answer\s+is|answer\s*\**\s*:|^\s*####)[\s*]*(?::\s*)?",
+    r"(?:final\s+answer\s*\**\s*(?:is|:)|the\s+answer\s+is|answer\s*\**\s*:|^[ \t]*####)[ \t*]*(?::[ \t]*)?",
     re.IGNORECASE | re.MULTILINE,
 )
 _FINAL_PHRASE_RE = re.compile(r"final\s+answer\s*\**\s*(?:is|:)|the\s+answer\s+is", re.IGNORECASE)
@@ -80,7 +80,7 @@ _TEMPLATE_RE = re.compile(
 _BOX_GAP_RE = re.compile(
     r"(?:\s|\$|,|;|\\quad|\\qquad|\\[,;: ]|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|\\(?:text|mathrm)\{\s*\})*"
 )
-_LITERAL_RE = re.compile(r"[-+]?[\d.,\s]+")
+_LITERAL_RE = re.compile(r"[-+]?(?:\d+|\d{1,3}(?:[, ]\d{3})+)(?:\.\d+)?")
 _BOILERPLATE_RE = re.compile(
     r"(?:[\s*]*(?:I hope (?:it|this|that) (?:is correct|helps)|Hope (?:this|it) helps|Let me know[^.!?\n]*"
     r"|Please let me know[^.!?\n]*|Feel free[^.!?\n]*|If you have any[^.!?\n]*|Thank you|Thanks|Good luck"
@@ -232,8 +232,10 @@ def _sentence_answer(text: str, require_prose: bool = True) -> str | None:
     for a, b, _ in spans:
         masked[a:b] = "\x00" * (b - a)
     masked = "".join(masked)
-    cut = _BOILERPLATE_RE.search(masked)
-    end = cut.start() if cut else len(masked)
+    end = len(masked.rstrip())
+    window = max(0, end - 400)  # courtesy sentences are short; a bounded window keeps the regex linear
+    cut = _BOILERPLATE_RE.search(masked, window, end)
+    end = cut.start() if cut else end
     while end > 0 and masked[end - 1] in " \t\r\n.!;,*":
         end -= 1
     if end == 0:
