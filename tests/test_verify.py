@@ -503,3 +503,36 @@ def test_grammar_fuzz_self_equal_and_bounded():
         other = judge(B % text, f"{e1}+1")
         assert not other.reason.startswith("error"), (text, other)
         assert time.perf_counter() - t0 < 2.0, text
+
+
+_NO_GUARD = VerifyConfig(timeout_s=0)  # no SIGALRM: a super-linear scan would show up as a slow call
+
+
+@pytest.mark.parametrize(
+    "name,response,gold",
+    [
+        ("literal_100k", B % ("1" + "0" * 100_000), "10^{100000}"),
+        ("literal_100k_prose", "The final answer is 1" + "0" * 100_000 + ".", "10^{100000}"),
+        ("digits_spaces", B % ("1 " * 50_000), "1"),
+        ("digits_commas", B % ("1," * 50_000), "1"),
+        ("spaces_then_x", " " * 100_000 + "x", "5"),
+        ("newlines_then_is", "\n" * 100_000 + "is 5.", "5"),
+        ("dollars_4k", "$" * 4001, "5"),
+        ("courtesy_4k", "Let me know " * 400, "5"),
+        ("verbs_4k", "x = " * 2000, "5"),
+        ("repeat_overline", B % ("7" * 50_000 + "." + "3" * 50_000), "1"),
+    ],
+)
+def test_long_inputs_scan_in_linear_time_without_the_guard(name, response, gold):
+    t0 = time.perf_counter()
+    result = judge(response, gold, _NO_GUARD)
+    assert time.perf_counter() - t0 < 2.0, (name, result.reason)
+    assert not result.reason.startswith("error"), result
+
+
+def test_long_literals_compare_exactly():
+    big = "9876543210" * 100
+    assert verify(B % big, big) and not verify(B % big, big[:-1] + "1")
+    assert verify(B % ("1" + "0" * 100_000), "10^{100000}")
+    assert not verify(B % ("1" + "0" * 99_999), "10^{100000}")
+    assert verify(B % "2^{2^{2^{2^2}}}", "2^{65536}") and not verify(B % "2^{2^{2^{2^2}}}", "2^{65535}")

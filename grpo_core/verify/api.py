@@ -31,6 +31,7 @@ from grpo_core.verify.limits import Deadline, ParseError, TooBig, time_guard
 from grpo_core.verify.normalize import MATH_NAMES, NormalizedAnswer, decimal_comma_reading, normalize_span
 
 _GOLD_CHOICE = re.compile(r"\(?([A-J])\)?")
+_GOLD_CHOICE_WITH_VALUE = re.compile(r"\(([A-J])\)\s+\S.*")  # gold "(B) 7": the letter decides
 _WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
 
 
@@ -40,7 +41,7 @@ def _is_word_answer(text: str) -> bool:
     if not _WORDS.fullmatch(text):
         return False
     words = text.lower().split()
-    return any(len(w) >= 3 for w in words) and not any(w in MATH_NAMES for w in words)
+    return (any(len(w) >= 3 for w in words) or words == ["no"]) and not any(w in MATH_NAMES for w in words)
 
 
 @dataclass(frozen=True)
@@ -135,11 +136,15 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
         return False, "wrong"
     if na.text.replace(" ", "") == ng.text.replace(" ", "") and na.percent == ng.percent:
         return True, "correct"
+    if max(len(na.text), len(ng.text)) > 300 and na.percent == ng.percent:
+        fast = _long_literals_equal(na.text, ng.text)
+        if fast is not None:
+            return fast, ("correct" if fast else "wrong")
     if _is_word_answer(na.text) and _is_word_answer(ng.text):
         # Word answers ("yes", "Monday", "odd") compare as case-insensitive text, not as symbol products.
         ok = " ".join(na.text.lower().split()) == " ".join(ng.text.lower().split())
         return ok, ("correct" if ok else "wrong")
-    gold_letter = _GOLD_CHOICE.fullmatch(ng.text)
+    gold_letter = _GOLD_CHOICE.fullmatch(ng.text) or _GOLD_CHOICE_WITH_VALUE.fullmatch(ng.text)
     if gold_letter:
         ok = choice_letter(na.text) == gold_letter.group(1)
         return ok, ("correct" if ok else "wrong")
@@ -166,6 +171,36 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
         # sympy itself gave up on the comparison (e.g. complex AccumulationBounds): cannot judge.
         return False, "unjudgeable"
     return ok, ("correct" if ok else "wrong")
+
+
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_POWER_OF_TEN = re.compile(r"10\s*\^\s*\{?\s*(\d{1,6})\s*\}?")
+
+
+def _literal_key(text: str) -> tuple[str, str, str] | None:
+    """(sign, integer digits, fraction digits) of a plain number literal with redundant zeros removed."""
+    text = text.replace(" ", "")
+    if not _PLAIN_NUMBER.fullmatch(text):
+        return None
+    sign = "-" if text.startswith("-") else ""
+    whole, _, frac = text.lstrip("-").partition(".")
+    whole, frac = whole.lstrip("0") or "0", frac.rstrip("0")
+    return ("" if whole == "0" and not frac else sign), whole, frac
+
+
+def _long_literals_equal(a: str, b: str) -> bool | None:
+    """Exact comparison of long plain number literals as digit strings (linear time, no int conversion):
+    equal literals, or a literal against ``10^k``. None when the fast path cannot decide."""
+    ka, kb = _literal_key(a), _literal_key(b)
+    if ka is not None and kb is not None:
+        if ka == kb:
+            return True
+        return False if not ka[2] and not kb[2] else None  # decimals may still match by rounding
+    for key, other in ((ka, b), (kb, a)):
+        power = _POWER_OF_TEN.fullmatch(other.strip())
+        if key is not None and power and not key[2]:
+            return not key[0] and key[1] == "1" + "0" * int(power.group(1))
+    return None
 
 
 def verify(response: str, gold: str, config: VerifyConfig | None = None) -> bool:

@@ -100,6 +100,13 @@ _FILLER_RE = re.compile(
     r"approximately|about|roughly)\s+",
     re.IGNORECASE,
 )
+_APPROX_GAP_RE = re.compile(
+    r"[\s,;(]*(?:which is |or |i\.e\.,? |that is,? )?(?:approximately|about|roughly|around|\\approx|\u2248)\s*"
+)
+_NEXT_SPAN_RE = re.compile(r"[ \t]*(?:,|,?[ \t]*and|,?[ \t]*or)[ \t]*\$([^$\n]{1,%d})\$" % MAX_ANSWER_CHARS)
+_LIST_GAP_RE = re.compile(r"\s*(?:,|,?\s*and|,?\s*or)\s*")
+_CLAUSE_RE = re.compile(r"(?:[,;:]\s*|\s)((?:so|therefore|thus|hence)\b)", re.IGNORECASE)
+_CHOICE_VALUE_RE = re.compile(r"\(?[A-J]\)")
 _NUM_TOKEN_RE = re.compile(r"[-+\u2212]?\$?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?%?")
 
 
@@ -256,7 +263,16 @@ def _sentence_answer(text: str, require_prose: bool = True) -> str | None:
         return value or None
 
     if sentence_spans and sentence_spans[-1][1] == end:
-        a, b, content = sentence_spans[-1]
+        k = len(sentence_spans) - 1
+        while k > 0 and _APPROX_GAP_RE.fullmatch(tail, sentence_spans[k - 1][1], sentence_spans[k][0]):
+            k -= 1  # "$\\sqrt{2}$, approximately $1.414$": the exact value is the answer
+        first = k
+        while first > 0 and _LIST_GAP_RE.fullmatch(tail, sentence_spans[first - 1][1], sentence_spans[first][0]):
+            first -= 1  # "$x = 1$ and $x = 4$": a list of answers
+        if first < k:
+            contents = [c for _, _, c in sentence_spans[first : k + 1]]
+            return found(sentence_spans[first][0], sentence_spans[k][1], ", ".join(contents))
+        a, b, content = sentence_spans[k]
         return found(a, b, content)
     verb = _last_match(_VERB_RE, head[begin:])
     if verb is not None:
@@ -269,11 +285,19 @@ def _sentence_answer(text: str, require_prose: bool = True) -> str | None:
         if raw and len(raw) <= 200:
             masked_raw = head[a:b]
             words = [w for w in re.findall(r"[A-Za-z]{2,}", masked_raw.replace("\x00", " "))]
+            raw = raw.strip("*").strip()
+            if _CHOICE_VALUE_RE.fullmatch(raw):
+                return found(a, b, raw)
             if (re.search(r"\d", raw) or "\x00" in masked_raw) and len(words) <= 3 and re.match(
                 r"[-+\u2212(\\$\d.|]", raw
             ):
                 return found(a, b, raw.strip("$").strip() if raw.count("$") == 2 else raw)
     sentence = head[begin:]
+    clause = _last_match(_CLAUSE_RE, sentence)
+    if clause is not None:  # "But wait, he gave 2 away, so he has 8 left": the concluding clause
+        begin += clause.start(1)
+        sentence = head[begin:]
+        sentence_spans = [(a, b, c) for a, b, c in spans if a >= begin and b <= end]
     if _CONCLUSION_RE.match(sentence):
         numbers = list(_NUM_TOKEN_RE.finditer(sentence.replace("\x00", " ")))
         if len(sentence_spans) == 1 and not numbers:
@@ -303,7 +327,15 @@ def _phrase_answer(text: str) -> str | None:
         if rest.startswith(opener):
             j = rest.find(closer, len(opener))
             if j > 0:
-                return rest[len(opener) : j].strip() or None
+                parts = [rest[len(opener) : j].strip()]
+                after = j + len(closer)
+                while len(parts) < 10:  # "the answer is $a=2$, $b=3$": the listed spans together
+                    more = _NEXT_SPAN_RE.match(rest, after)
+                    if more is None:
+                        break
+                    parts.append(more.group(1).strip())
+                    after = more.end()
+                return ", ".join(p for p in parts if p) or None
             break
     line = rest.lstrip().split("\n", 1)[0]
     m = re.match(r"\s*\$\$?([^$]+)\$", line)

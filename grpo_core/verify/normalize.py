@@ -19,6 +19,7 @@ Rules (documented contract; the same function is applied to the response's answe
   after the comma, or a leading ``0,``), European ``2.500,75``;
 * ``+7 2/3`` / ``7 2/3`` (whole answer) is the mixed number 23/3, but only with spaces on one line
   (``7\n1/4`` is not a number) and never with a percent sign (``7 1/4%`` is ambiguous: rejected);
+* a repeating decimal ``0.1\\overline{6}`` is its exact fraction (1/6);
 * ordinal suffixes (``5th``, ``5^{\\text{th}}``) are dropped; a single number word (``five``) is its number;
 * ``nan`` is never a value (rejected).
 """
@@ -80,6 +81,19 @@ _ATTACHED_UNIT_RE = re.compile(
     r"(?<=\d)\s*(?:(?:cm|mm|km|kg|mg|ml|mL|ft|in|lb|lbs|oz|mph|hrs?|min|sec|m|g|s|h)(?:\^\{?[23]\}?)"
     r"|(?:cm|mm|km|kg|mg|ml|mL|ft|lbs?|oz|mph|hrs?|min|sec|km/h|m/s))$"
 )
+_REPEATING_RE = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\s*\{\s*(\d{1,50})\s*\}")
+
+
+def _repeating_fraction(m: re.Match) -> str:
+    """``0.1\\overline{6}`` -> ``(15/90)``: the exact value of a repeating decimal."""
+    whole, fixed, rep = m.group(1) or "0", m.group(2), m.group(3)
+    if len(whole) + len(fixed) > 50:
+        return m.group(0)
+    num = int(whole + fixed + rep) - int(whole + fixed)
+    den = (10 ** len(rep) - 1) * 10 ** len(fixed)
+    return f"({num}/{den})"
+
+
 _ORDINAL_RE = re.compile(r"(?<=\d)\s*(?:\^\s*\{\s*(?:\\(?:text|mathrm)\s*\{)?\s*(?:st|nd|rd|th)\s*\}?\s*\}|\\(?:text|mathrm)\s*\{\s*(?:st|nd|rd|th)\s*\}|(?:st|nd|rd|th)\b)")
 _WORD_NUMBERS = {
     w: str(i)
@@ -159,6 +173,8 @@ def normalize_span(span: str) -> NormalizedAnswer:
     s = re.sub(r"\\[dt]binom(?![A-Za-z])", r"\\binom", s)
     s = _DROP_CMDS.sub(" ", s)
     s = _DEGREE_RE.sub("", s)
+    if "overline" in s:
+        s = _REPEATING_RE.sub(_repeating_fraction, s)
     s = _ORDINAL_RE.sub("", s)
     s = _unwrap_text_commands(s)
     s = s.replace("{,}", ",")
