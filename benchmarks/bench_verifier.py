@@ -1,14 +1,21 @@
-"""Benchmark: our verifier vs Math-Verify on benchmarks/verifier_cases.jsonl.
+"""Benchmark: our verifier vs Math-Verify, per class, side by side in one run.
 
-Reports accuracy against the hand-labelled `expected` of every case, per-category agreement, single-process
-throughput (items/s on one core) and the slowest call of each verifier, plus our pool's start-up cost and
-2-worker throughput. Writes benchmarks/results/bench_verifier_cpu.json and prints a table.
+Cases: tests/verifier_corpus/cases.jsonl (hand-written, by class: final_sentence, delimiters, multi_answer,
+inequality, equation, matrix, number_format, precision, expression, long_nesting, basic; each both ways) and
+benchmarks/verifier_cases.jsonl (the older set: per-category basics, natural outputs, hostile inputs; its
+classes are reported as ``bench/<category>``). Every case has a hand label ``expected``.
 
-Math-Verify is an optional peer: install it OUTSIDE the project environment, e.g.
-    pip install --target /tmp/mv math-verify
-    python benchmarks/bench_verifier.py --math-verify-path /tmp/mv
-Its directory is appended to sys.path only inside a separate child process (so it cannot shadow the
-installed sympy/torch of this process), and every Math-Verify call runs under a hard kill timeout there.
+Per class and overall, for each verifier: accuracy against the labels, false positives (a must-not-match case
+scored correct: reward hacking), timeouts, and single-core throughput (items/s of one process calling the
+verifier sequentially; the slowest single call too). Plus our pool's start-up cost and 2-worker throughput.
+Writes benchmarks/results/bench_verifier_cpu.json and a markdown table next to it, and prints the table.
+
+Math-Verify is an optional peer that must not change this environment's sympy. Either
+    python -m venv --system-site-packages /work/venv-mv && /work/venv-mv/bin/pip install math-verify
+    python benchmarks/bench_verifier.py --math-verify-python /work/venv-mv/bin/python
+or a ``pip install --target DIR math-verify`` directory via ``--math-verify-path DIR``. Math-Verify runs in a
+separate child process (that interpreter), one call at a time under a hard kill timeout; its own 5 s
+timeouts count as timeouts. Ours runs in this process with its default in-process guard.
 """
 
 from __future__ import annotations
@@ -16,21 +23,53 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import multiprocessing as mp
 import os
 import platform
+import select
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CASES = os.path.join(HERE, "verifier_cases.jsonl")
+ROOT = os.path.dirname(HERE)
+DEFAULT_CASES = [os.path.join(ROOT, "tests", "verifier_corpus", "cases.jsonl"), os.path.join(HERE, "verifier_cases.jsonl")]
 DEFAULT_OUT = os.path.join(HERE, "results", "bench_verifier_cpu.json")
+
+# The Math-Verify child: reads one JSON [response, gold] per line, answers [correct, reason, seconds].
+_MV_CHILD = r"""
+import json, os, sys, time, resource
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a runaway big-int must not take the machine
+extra = os.environ.get("MV_EXTRA_PATH")
+if extra:
+    sys.path.append(extra)
+out = os.fdopen(os.dup(1), "w")
+devnull = os.open(os.devnull, os.O_WRONLY)  # Math-Verify logs every timeout to stdout/stderr
+os.dup2(devnull, 1)
+os.dup2(devnull, 2)
+import importlib.metadata
+from math_verify import parse, verify
+out.write(json.dumps(["ready", importlib.metadata.version("math-verify")]) + "\n")
+out.flush()
+for line in sys.stdin:
+    response, gold = json.loads(line)
+    t0 = time.perf_counter()
+    try:
+        gold_text = gold if "\\boxed" in gold else "$" + gold + "$"
+        ok, reason = bool(verify(parse(gold_text), parse(response))), "ok"
+    except BaseException as exc:
+        ok, reason = False, "error:" + type(exc).__name__
+    seconds = time.perf_counter() - t0
+    if seconds >= 4.9 and not ok:
+        reason = "timeout"  # Math-Verify's own per-step timeout (5 s) fired and it answered False
+    out.write(json.dumps([ok, reason, seconds]) + "\n")
+    out.flush()
+"""
 
 
 def load_cases(path: str) -> list[dict]:
-    """Read the case file; large hostile responses are stored as repeat recipes and expanded here."""
+    """Read a case file; large hostile responses are stored as repeat recipes and expanded here."""
     cases = []
+    bench_file = os.path.basename(path) == "verifier_cases.jsonl"
     with open(path, encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
@@ -40,6 +79,8 @@ def load_cases(path: str) -> list[dict]:
             if "build2" in row:
                 p, u1, n1, mid, u2, n2, s = row.pop("build2")
                 row["response"] = p + u1 * n1 + mid + u2 * n2 + s
+            if "class" not in row:
+                row["class"] = ("bench/" if bench_file else "") + row.get("category", "other")
             cases.append(row)
     return cases
 
@@ -63,7 +104,7 @@ def pool_throughput(cases: list[dict], workers: int, repeats: int) -> dict:
     from grpo_core.verify import VerifierPool, verify_batch
     from grpo_core.verify.api import _parse_cached
 
-    normal = [c for c in cases if c["category"] != "hostile"]
+    normal = [c for c in cases if "hostile" not in c["class"] and len(c["response"]) < 20_000]
     responses = [c["response"] for c in normal] * repeats
     golds = [c["gold"] for c in normal] * repeats
     _parse_cached.cache_clear()
@@ -71,7 +112,6 @@ def pool_throughput(cases: list[dict], workers: int, repeats: int) -> dict:
     t0 = time.perf_counter()
     verify_batch(responses, golds, workers=0)
     in_process = len(responses) / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
     with VerifierPool(workers=workers, timeout_s=2.0) as pool:
         startup = pool.startup_s
         t1 = time.perf_counter()
@@ -90,123 +130,161 @@ def pool_throughput(cases: list[dict], workers: int, repeats: int) -> dict:
     }
 
 
-def _mv_child(conn, mv_path: str) -> None:
-    import resource
+class _MathVerifyChild:
+    def __init__(self, python: str, extra_path: str | None):
+        self.python, self.extra_path = python, extra_path
+        self.version = None
+        self._start()
 
-    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a runaway big-int must not take the machine
-    devnull = os.open(os.devnull, os.O_WRONLY)  # Math-Verify logs every timeout to stdout/stderr
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    sys.path.append(mv_path)
-    from math_verify import parse, verify
+    def _start(self):
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)  # the peer must import its own environment, not this checkout
+        if self.extra_path:
+            env["MV_EXTRA_PATH"] = self.extra_path
+        self.proc = subprocess.Popen(
+            [self.python, "-c", _MV_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        line = self._readline(180)
+        if line is None:
+            raise RuntimeError("the Math-Verify child did not start (is math-verify installed for that python?)")
+        self.version = json.loads(line)[1]
 
-    conn.send("ready")
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            return
-        response, gold = msg
+    def _readline(self, timeout: float) -> str | None:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = self.proc.stdout.readline()
+        return line or None
+
+    def judge(self, response: str, gold: str, hard_timeout_s: float) -> dict:
         t0 = time.perf_counter()
-        try:
-            gold_text = gold if "\\boxed" in gold else "$" + gold + "$"
-            ok = bool(verify(parse(gold_text), parse(response)))
-            reason = "ok"
-        except BaseException as exc:  # noqa: BLE001 - report, do not die
-            ok, reason = False, f"error:{type(exc).__name__}"
-        conn.send((ok, reason, time.perf_counter() - t0))
+        self.proc.stdin.write(json.dumps([response, gold]) + "\n")
+        self.proc.stdin.flush()
+        line = self._readline(hard_timeout_s)
+        if line is not None:
+            ok, reason, seconds = json.loads(line)
+            return {"correct": ok, "reason": reason, "seconds": seconds}
+        self.proc.kill()
+        self.proc.wait()
+        self._start()
+        return {"correct": False, "reason": "timeout", "seconds": time.perf_counter() - t0}
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
 
 
-def run_math_verify(cases: list[dict], mv_path: str, hard_timeout_s: float) -> tuple[list[dict], str]:
-    ctx = mp.get_context("spawn")
-
-    def start():
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_mv_child, args=(child, mv_path), daemon=True)
-        proc.start()
-        if not parent.poll(120) or parent.recv() != "ready":
-            raise RuntimeError("math-verify child failed to start")
-        return proc, parent
-
-    proc, conn = start()
-    out = []
-    for c in cases:
-        conn.send((c["response"], c["gold"]))
-        t0 = time.perf_counter()
-        if conn.poll(hard_timeout_s):
-            try:
-                ok, reason, seconds = conn.recv()
-                out.append({"correct": ok, "reason": reason, "seconds": seconds})
-                continue
-            except EOFError:
-                out.append({"correct": False, "reason": "died", "seconds": time.perf_counter() - t0})
-        else:
-            out.append({"correct": False, "reason": "hard_timeout", "seconds": time.perf_counter() - t0})
-        proc.kill()
-        proc.join()
-        proc, conn = start()
-    conn.send(None)
-    proc.join(timeout=5)
-    version = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"import sys; sys.path.append({mv_path!r}); import importlib.metadata as m; "
-            "print(m.version('math-verify'))",
-        ],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+def run_math_verify(cases, python, extra_path, hard_timeout_s) -> tuple[list[dict], str]:
+    child = _MathVerifyChild(python, extra_path)
+    child.judge(r"\boxed{1}", "1", 60)  # warm-up: lazy imports are not billed to a case
+    out = [child.judge(c["response"], c["gold"], hard_timeout_s) for c in cases]
+    version = child.version
+    child.close()
     return out, version
 
 
-def summarize(cases, results) -> dict:
+def _stats(cases, results) -> dict:
     n = len(cases)
-    acc = sum(r["correct"] == c["expected"] for c, r in zip(cases, results)) / n
     total = sum(r["seconds"] for r in results)
     slowest = max(range(n), key=lambda i: results[i]["seconds"])
-    name = cases[slowest].get("name") or cases[slowest]["response"][:60]
-    normal = [r["seconds"] for c, r in zip(cases, results) if c["category"] != "hostile"]
-    times = sorted(r["seconds"] for r in results)
     return {
-        "accuracy": acc,
-        "items_per_s_single_core": n / total,
-        "items_per_s_single_core_non_hostile": len(normal) / sum(normal),
-        "median_ms": 1000 * times[n // 2],
-        "p99_ms": 1000 * times[min(n - 1, int(0.99 * n))],
-        "total_s": total,
+        "n": n,
+        "accuracy": sum(r["correct"] == c["expected"] for c, r in zip(cases, results)) / n,
+        "false_positives": sum(r["correct"] and not c["expected"] for c, r in zip(cases, results)),
+        "false_negatives": sum(c["expected"] and not r["correct"] for c, r in zip(cases, results)),
+        "timeouts": sum(r["reason"] == "timeout" for r in results),
+        "items_per_s_single_core": n / total if total else float("inf"),
         "slowest_s": results[slowest]["seconds"],
-        "slowest_case": f"{cases[slowest]['category']}:{name}",
+        "slowest_case": f"{cases[slowest]['class']}:{(cases[slowest].get('name') or cases[slowest]['response'])[:60]}",
+    }
+
+
+def summarize(cases, results) -> dict:
+    s = _stats(cases, results)
+    times = sorted(r["seconds"] for r in results)
+    s.update({
+        "median_ms": 1000 * times[len(times) // 2],
+        "p99_ms": 1000 * times[min(len(times) - 1, int(0.99 * len(times)))],
         "reasons": dict(collections.Counter(r["reason"].split(":")[0] for r in results)),
         "wrong_cases": [
-            {
-                "category": c["category"],
-                "response": (c.get("name") or c["response"])[:120],
-                "gold": c["gold"][:80],
-                "expected": c["expected"],
-            }
-            for c, r in zip(cases, results)
-            if r["correct"] != c["expected"]
+            {"class": c["class"], "response": (c.get("name") or c["response"])[-160:], "gold": c["gold"][:80],
+             "expected": c["expected"], "reason": r["reason"]}
+            for c, r in zip(cases, results) if r["correct"] != c["expected"]
         ],
-    }
+    })
+    return s
+
+
+def by_class(cases, ours, mv) -> dict:
+    groups = collections.OrderedDict()
+    for i, c in enumerate(cases):
+        groups.setdefault(c["class"], []).append(i)
+    table = collections.OrderedDict()
+    for cls, idx in groups.items():
+        sub = [cases[i] for i in idx]
+        row = {"n": len(idx), "must_match": sum(c["expected"] for c in sub), "ours": _stats(sub, [ours[i] for i in idx])}
+        if mv is not None:
+            row["math_verify"] = _stats(sub, [mv[i] for i in idx])
+            row["agree"] = sum(ours[i]["correct"] == mv[i]["correct"] for i in idx) / len(idx)
+        table[cls] = row
+    return table
+
+
+def markdown(report: dict) -> str:
+    has_mv = "math_verify" in report
+    m = report["machine"]
+    lines = [
+        f"# Verifier benchmark: ours vs Math-Verify {report.get('math_verify', {}).get('version', '(not run)')}",
+        "",
+        f"Machine: {m['processor']}, {m['cores']} cores (shared with other jobs and loaded while measuring; "
+        f"throughput numbers are noisy), Python {m['python']}, sympy {m['sympy']}. Commit {report['commit']}.",
+        "Throughput is items/s of ONE process calling the verifier sequentially (one core).",
+        "",
+        "| class | n | match/no-match | ours acc | ours FP | ours TO | ours items/s"
+        + (" | MV acc | MV FP | MV TO | MV items/s |" if has_mv else " |"),
+        "|---|---|---|---|---|---|---" + ("|---|---|---|---|" if has_mv else "|"),
+    ]
+    rows = list(report["by_class"].items()) + [("**all**", {"n": report["n_cases"], "must_match": report["n_must_match"],
+                                                           "ours": report["ours"], "math_verify": report.get("math_verify")})]
+    for cls, row in rows:
+        o = row["ours"]
+        line = (f"| {cls} | {row['n']} | {row['must_match']}/{row['n'] - row['must_match']} | {o['accuracy']:.3f} | "
+                f"{o['false_positives']} | {o['timeouts']} | {o['items_per_s_single_core']:.0f}")
+        if has_mv:
+            v = row["math_verify"]
+            line += (f" | {v['accuracy']:.3f} | {v['false_positives']} | {v['timeouts']} | "
+                     f"{v['items_per_s_single_core']:.1f} |")
+        else:
+            line += " |"
+        lines.append(line)
+    o = report["ours"]
+    lines += ["", f"Ours: slowest call {o['slowest_s'] * 1000:.0f} ms ({o['slowest_case']}), median {o['median_ms']:.2f} ms."]
+    if has_mv:
+        v = report["math_verify"]
+        lines.append(f"Math-Verify: slowest call {v['slowest_s']:.2f} s ({v['slowest_case']}), median {v['median_ms']:.2f} ms.")
+        lines.append(f"Single-core throughput ratio ours / Math-Verify: {report['throughput_ratio']:.0f}x.")
+    p = report["ours_pool"]
+    lines.append(f"Our pool ({p['workers']} workers): start-up {p['startup_s']:.2f} s, respawn {p['respawn_s']:.2f} s, "
+                 f"{p['items_per_s']:.0f} items/s on {p['items']} non-hostile items.")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=DEFAULT_CASES)
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES)
     parser.add_argument("--out", default=DEFAULT_OUT)
-    parser.add_argument(
-        "--math-verify-path",
-        default=os.environ.get("MATH_VERIFY_PATH"),
-        help="directory with math-verify installed via pip --target (optional)",
-    )
-    parser.add_argument("--hard-timeout-s", type=float, default=20.0, help="kill a Math-Verify call after this")
+    parser.add_argument("--math-verify-python", default=os.environ.get("MATH_VERIFY_PYTHON"),
+                        help="a python interpreter that has math-verify installed (e.g. /work/venv-mv/bin/python)")
+    parser.add_argument("--math-verify-path", default=os.environ.get("MATH_VERIFY_PATH"),
+                        help="directory with math-verify installed via pip --target (optional)")
+    parser.add_argument("--hard-timeout-s", type=float, default=30.0, help="kill a Math-Verify call after this")
     parser.add_argument("--pool-workers", type=int, default=2)
-    parser.add_argument("--pool-repeats", type=int, default=3)
+    parser.add_argument("--pool-repeats", type=int, default=2)
     args = parser.parse_args()
 
     import sympy
 
-    cases = load_cases(args.cases)
+    cases = [c for path in args.cases for c in load_cases(path)]
     from grpo_core.verify.api import _parse_cached
 
     run_ours(cases)  # warm-up pass: sympy's lazy imports / first-use costs are not billed to a case
@@ -220,62 +298,31 @@ def main() -> None:
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "sympy": sympy.__version__,
+            "note": "shared machine, loaded by other jobs while measuring: throughput is noisy",
         },
         "commit": _commit(),
+        "case_files": [os.path.relpath(p, ROOT) for p in args.cases],
         "n_cases": len(cases),
+        "n_must_match": sum(c["expected"] for c in cases),
         "ours": summarize(cases, ours),
         "ours_pool": pool_throughput(cases, args.pool_workers, args.pool_repeats),
     }
     mv = None
-    if args.math_verify_path:
-        mv, version = run_math_verify(cases, args.math_verify_path, args.hard_timeout_s)
+    if args.math_verify_python or args.math_verify_path:
+        python = args.math_verify_python or sys.executable
+        mv, version = run_math_verify(cases, python, args.math_verify_path, args.hard_timeout_s)
         report["math_verify"] = summarize(cases, mv)
         report["math_verify"]["version"] = version
-    report["by_category"] = _by_category(cases, ours, mv)
+        report["throughput_ratio"] = (report["ours"]["items_per_s_single_core"]
+                                      / report["math_verify"]["items_per_s_single_core"])
+    report["by_class"] = by_class(cases, ours, mv)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
-    _print(report)
-
-
-def _by_category(cases, ours, mv) -> dict:
-    table = collections.OrderedDict()
-    for i, c in enumerate(cases):
-        row = table.setdefault(c["category"], {"n": 0, "ours_ok": 0, "mv_ok": 0, "agree": 0})
-        row["n"] += 1
-        row["ours_ok"] += ours[i]["correct"] == c["expected"]
-        if mv is not None:
-            row["mv_ok"] += mv[i]["correct"] == c["expected"]
-            row["agree"] += mv[i]["correct"] == ours[i]["correct"]
-    return table
-
-
-def _print(report: dict) -> None:
-    has_mv = "math_verify" in report
-    print(
-        f"machine: {report['machine']['processor']} ({report['machine']['cores']} cores), "
-        f"python {report['machine']['python']}, sympy {report['machine']['sympy']}"
-    )
-    print(f"{'category':<12}{'n':>5}{'ours acc':>10}" + (f"{'MV acc':>10}{'agree':>8}" if has_mv else ""))
-    for cat, row in report["by_category"].items():
-        line = f"{cat:<12}{row['n']:>5}{row['ours_ok'] / row['n']:>10.2f}"
-        if has_mv:
-            line += f"{row['mv_ok'] / row['n']:>10.2f}{row['agree'] / row['n']:>8.2f}"
-        print(line)
-    for key in ("ours", "math_verify"):
-        if key in report:
-            s = report[key]
-            print(
-                f"{key:<12} accuracy {s['accuracy']:.3f}  {s['items_per_s_single_core']:.1f} items/s (1 core, all), "
-                f"{s['items_per_s_single_core_non_hostile']:.1f} items/s (non-hostile)  median {s['median_ms']:.2f} ms  "
-                f"p99 {s['p99_ms']:.0f} ms  slowest {s['slowest_s'] * 1000:.0f} ms [{s['slowest_case']}]"
-            )
-            print(f"{'':<12} reasons {s['reasons']}")
-    p = report["ours_pool"]
-    print(
-        f"ours pool    {p['workers']} workers: start-up {p['startup_s']:.2f} s, respawn {p['respawn_s']:.2f} s, {p['items_per_s']:.0f} items/s "
-        f"(in-process with canonical: {p['in_process_items_per_s']:.0f} items/s; {p['items']} non-hostile items)"
-    )
+    table = markdown(report)
+    with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as f:
+        f.write(table)
+    print(table)
 
 
 def _cpu_name() -> str:
@@ -292,7 +339,7 @@ def _cpu_name() -> str:
 def _commit() -> str | None:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE, check=True
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE, check=True
         ).stdout.strip()
     except Exception:
         return None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from grpo_core.verify.equivalence import as_intervals, choice_letter, structures_equal
+from grpo_core.verify.equivalence import Side, as_intervals, choice_letter, structures_equal
 from grpo_core.verify.extract import ExtractConfig, extract_span, gold_span
 from grpo_core.verify.values import (
     PM,
@@ -26,11 +26,12 @@ from grpo_core.verify.values import (
     SetOf,
     UnionOf,
 )
-from grpo_core.verify.latex_parser import parse_math
+from grpo_core.verify.latex_parser import parse_with_decimals
 from grpo_core.verify.limits import Deadline, ParseError, TooBig, time_guard
-from grpo_core.verify.normalize import MATH_NAMES, NormalizedAnswer, normalize_span
+from grpo_core.verify.normalize import MATH_NAMES, NormalizedAnswer, decimal_comma_reading, normalize_span
 
 _GOLD_CHOICE = re.compile(r"\(?([A-J])\)?")
+_GOLD_CHOICE_WITH_VALUE = re.compile(r"\(([A-J])\)\s+\S.*")  # gold "(B) 7": the letter decides
 _WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
 
 
@@ -40,7 +41,7 @@ def _is_word_answer(text: str) -> bool:
     if not _WORDS.fullmatch(text):
         return False
     words = text.lower().split()
-    return any(len(w) >= 3 for w in words) and not any(w in MATH_NAMES for w in words)
+    return (any(len(w) >= 3 for w in words) or words == ["no"]) and not any(w in MATH_NAMES for w in words)
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,16 @@ class VerifyResult:
 @functools.lru_cache(maxsize=4096)
 def _parse_cached(text: str):
     # Parsed values are immutable (sympy objects, frozen dataclasses); golds repeat across a group.
-    return parse_math(text)
+    return parse_with_decimals(text)
 
 
 def _parse(norm: NormalizedAnswer):
-    return _parse_cached(norm.text)
+    return _parse_cached(norm.text)[0]
+
+
+def _parse_side(norm: NormalizedAnswer):
+    value, places = _parse_cached(norm.text)
+    return value, Side(norm, places)
 
 
 def extract_answer(response: str, config: VerifyConfig | None = None) -> str | None:
@@ -126,32 +132,75 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
         return False, "no_answer"
     if not ng.text:
         return False, "no_gold"
+    if na.rejected or ng.rejected:
+        return False, "wrong"
     if na.text.replace(" ", "") == ng.text.replace(" ", "") and na.percent == ng.percent:
         return True, "correct"
+    if max(len(na.text), len(ng.text)) > 300 and na.percent == ng.percent:
+        fast = _long_literals_equal(na.text, ng.text)
+        if fast is not None:
+            return fast, ("correct" if fast else "wrong")
     if _is_word_answer(na.text) and _is_word_answer(ng.text):
         # Word answers ("yes", "Monday", "odd") compare as case-insensitive text, not as symbol products.
         ok = " ".join(na.text.lower().split()) == " ".join(ng.text.lower().split())
         return ok, ("correct" if ok else "wrong")
-    gold_letter = _GOLD_CHOICE.fullmatch(ng.text)
+    gold_letter = _GOLD_CHOICE.fullmatch(ng.text) or _GOLD_CHOICE_WITH_VALUE.fullmatch(ng.text)
     if gold_letter:
         ok = choice_letter(na.text) == gold_letter.group(1)
         return ok, ("correct" if ok else "wrong")
     try:
-        parsed_gold = _parse(ng)
+        parsed_gold, gold_side = _parse_side(ng)
     except (ParseError, TooBig, RecursionError):
         return False, "gold_unparsable"
     try:
-        parsed_answer = _parse(na)
+        parsed_answer, answer_side = _parse_side(na)
     except TooBig:
         return False, "too_big"
     except (ParseError, RecursionError):
         return False, "unparsable"
     try:
-        ok = structures_equal(parsed_answer, parsed_gold, na, ng)
+        ok = structures_equal(parsed_answer, parsed_gold, answer_side, gold_side)
+        if not ok and isinstance(parsed_gold, sympy.Basic) and not parsed_gold.is_Integer:
+            # "3,4" for a gold 3.4: a decimal comma, read so only when the gold is one non-integer number
+            alt = decimal_comma_reading(na.text)
+            if alt is not None:
+                alt_norm = NormalizedAnswer(alt, na.percent, None)
+                parsed_alt, alt_side = _parse_side(alt_norm)
+                ok = structures_equal(parsed_alt, parsed_gold, alt_side, gold_side)
     except (ValueError, TypeError, ArithmeticError, AttributeError, NotImplementedError):
         # sympy itself gave up on the comparison (e.g. complex AccumulationBounds): cannot judge.
         return False, "unjudgeable"
     return ok, ("correct" if ok else "wrong")
+
+
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_POWER_OF_TEN = re.compile(r"10\s*\^\s*\{?\s*(\d{1,6})\s*\}?")
+
+
+def _literal_key(text: str) -> tuple[str, str, str] | None:
+    """(sign, integer digits, fraction digits) of a plain number literal with redundant zeros removed."""
+    text = text.replace(" ", "")
+    if not _PLAIN_NUMBER.fullmatch(text):
+        return None
+    sign = "-" if text.startswith("-") else ""
+    whole, _, frac = text.lstrip("-").partition(".")
+    whole, frac = whole.lstrip("0") or "0", frac.rstrip("0")
+    return ("" if whole == "0" and not frac else sign), whole, frac
+
+
+def _long_literals_equal(a: str, b: str) -> bool | None:
+    """Exact comparison of long plain number literals as digit strings (linear time, no int conversion):
+    equal literals, or a literal against ``10^k``. None when the fast path cannot decide."""
+    ka, kb = _literal_key(a), _literal_key(b)
+    if ka is not None and kb is not None:
+        if ka == kb:
+            return True
+        return False if not ka[2] and not kb[2] else None  # decimals may still match by rounding
+    for key, other in ((ka, b), (kb, a)):
+        power = _POWER_OF_TEN.fullmatch(other.strip())
+        if key is not None and power and not key[2]:
+            return not key[0] and key[1] == "1" + "0" * int(power.group(1))
+    return None
 
 
 def verify(response: str, gold: str, config: VerifyConfig | None = None) -> bool:

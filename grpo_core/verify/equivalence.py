@@ -2,33 +2,52 @@
 
 Rules (the documented contract of :func:`grpo_core.verify.verify`):
 
-* numbers: two exact rationals (integers, fractions, and decimals written in full) compare exactly;
-  otherwise values compare with relative tolerance 1e-6 when either side was written with a decimal
-  point / float, and 1e-12 for exact irrational forms (``\\sqrt{2}/2`` vs ``1/\\sqrt{2}``);
-* rounding: a decimal gold with d places matches an exact answer (fraction, radical, pi...) that rounds to it
-  (gold ``0.33`` vs ``\\frac{1}{3}``: equal). A decimal answer with d >= 2 places matches an exact gold that
-  rounds to it (gold ``\\frac13`` vs ``0.33``). Two decimals with different places match if the more precise
-  one rounds to the less precise one and that one has >= 2 places (``0.33`` vs ``0.333``);
+* numbers: every literal is exact (``0.5`` is 1/2, ``2.50`` is 5/2, ``1.2e3`` is 1200). Two constant values
+  are equal when they are exactly equal (rationals, including 10^5-digit integers and towers whose value
+  has at most MAX_RESULT_DIGITS digits), or, for exact irrational forms (``\\sqrt2/2`` vs ``1/\\sqrt2``,
+  ``\\log_2 8`` vs ``3``), when they agree to 40 significant digits. A decimal literal never equals an
+  irrational value, however many digits it has: ``2.718281828`` is not ``e``;
+* decimal rounding rule: a rounded decimal matches only another decimal, never an exact fraction or
+  constant. A gold decimal with d >= 2 places (it is the rounded one) matches a response decimal with more
+  than d places that rounds (half up or half down) to it: gold ``2.72`` accepts ``2.718`` and ``2.72``,
+  refuses ``2.7``, ``2.73`` and ``e``; gold ``0.67`` refuses ``\\frac{2}{3}``; gold ``\\frac13`` refuses ``0.333``.
+  A gold with 0 or 1 decimal places is taken as exact (``0.5`` is 1/2, so ``0.46`` is wrong). The same
+  rule applies entry by entry inside tuples, intervals and matrices. No relative tolerance is used on
+  numbers;
 * percent: ``50%`` equals ``50`` and ``0.5`` (the % is dropped, or the value divided by 100);
 * ``\\pm``: ``1 \\pm \\sqrt2`` is the set {1+sqrt2, 1-sqrt2};
-* expressions with symbols: equal if they agree numerically at 6 seeded random points in [0.5, 2.5]
-  (rel. 1e-8) -- falling back to ``simplify(a-b) == 0`` under the time guard when too few points evaluate;
-* equations: ``x=3`` equals ``3`` (a lone symbol / symbol product on one side is dropped); two equations are
-  equal if their sides match or ``lhs-rhs`` are proportional;
-* inequalities over one variable equal the interval / union they describe (``x>2`` == ``(2,\\infty)``);
-  an infinite interval end is always open;
-* sets ``\\{..\\}`` and bare lists ``a, b`` compare unordered; brackets ``(..)`` / ``[..]`` compare ordered
-  with the same bracket shapes (a 1-row or 1-column matrix equals a tuple of its entries);
+* expressions with symbols: equal if they agree at 6 seeded random rational points in [0.5, 2.5] --
+  exactly when both sides evaluate to rationals there (so ``(x+2)^{500}`` differs from
+  ``(x+2)^{500}+1``), else to relative 1e-8 -- falling back to ``simplify(a-b) == 0`` under the time guard
+  when too few points evaluate;
+* equations: an equation whose one side is a name states the other side's value (``x = 3``, ``|CD| = 2``,
+  ``\\frac{PQ}{QR} = \\frac35``, ``S_1:S_2 = 5:9``, ``(a,b) = (4,1)``, ``f(3) = 10``, ``a+b = 11``: a name is a
+  symbol, a product/ratio of symbols, ``|name|``, a sum of names, a tuple of names or ``f(...)``); a chain
+  ``x = 4+4+2 = 10`` states its last side; a chain of constants ``4+4+2 = 10`` states its last side; an
+  ``\\approx`` ends the chain (``x = 1/3 \\approx 0.33`` states 1/3). ``a+3z = 0`` states nothing (not a name).
+  Two equations are equal if their sides match or ``lhs-rhs`` are proportional;
+* inequalities over one variable equal the interval / union they describe (``x>2`` == ``(2,\\infty)``,
+  ``-x > -4`` == ``x < 4``: a linear inequality is solved first); an infinite interval end is always open;
+* unordered-set rule: a gold written as a set ``\\{..\\}``, with "and"/"or", as ``x = 1, x = 2`` (one
+  unknown), as a ``;``-separated list of solutions, or as a list of tuples is a solution set and compares
+  unordered; a gold comma list of numbers compares unordered only when it is sorted (ascending or
+  descending), i.e. when its order carries no information; an unsorted gold list (``1, 5, -3``) is ordered.
+  ``a=3, b=1`` (distinct unknowns) is the tuple (3, 1). Brackets ``(..)`` / ``[..]`` compare ordered with the
+  same bracket shapes (a 1-row or 1-column matrix equals a tuple of its entries);
+* matrices: any of pmatrix/bmatrix/matrix/array (``\\left[ .. \\right]``), scalar times matrix, sums and
+  products of matrices are evaluated, then compared entry by entry under the number rules;
 * letters: ``e`` is Euler's number and ``i`` the imaginary unit (``x_i`` stays a symbol); a prose answer
   ("yes", "Monday": a word of >= 3 letters, no function names) compares as case-insensitive text;
+  ``nan`` never matches;
 * multiple choice: a gold that is a single letter A-J matches ``B``, ``(B)``, ``B)``, ``\\text{(B)}``,
-  ``(B) 42``.
+  ``\\textbf{(B)}``, ``(B) 42``.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass, field
 
 import mpmath
 import sympy
@@ -40,6 +59,7 @@ from grpo_core.verify.values import (
     MatrixOf,
     Relation,
     SetOf,
+    SolutionGroups,
     UnionOf,
 )
 from grpo_core.verify.limits import Deadline
@@ -47,9 +67,37 @@ from grpo_core.verify.normalize import NormalizedAnswer
 
 _CHOICE_RE = re.compile(r"\(?([A-J])\)?(?:[.:]?|[.:)]?\s.*)")
 _RNG_POINTS = 6
-_REL_FLOAT = 1e-6
-_REL_EXACT = 1e-12
+_EXACT_DIGITS = 50
+_REL_EXACT = mpmath.mpf(10) ** -40
 _REL_SYMBOLIC = 1e-8
+
+
+@dataclass(frozen=True)
+class Side:
+    """What the comparator knows about one side besides its parsed value."""
+
+    norm: NormalizedAnswer | None = None
+    places: dict = field(default_factory=dict)
+    """|value| -> decimal places, for every decimal literal written on this side."""
+
+    @property
+    def percent(self) -> bool:
+        return bool(self.norm and self.norm.percent)
+
+    @property
+    def joined(self) -> bool:
+        return bool(self.norm and self.norm.joined_by_words)
+
+
+_PLAIN = Side()
+
+
+def _side(x) -> Side:
+    if isinstance(x, Side):
+        return x
+    if isinstance(x, NormalizedAnswer):
+        return Side(x, {})
+    return _PLAIN
 
 
 def choice_letter(text: str) -> str | None:
@@ -72,7 +120,8 @@ def _numeric(value, digits: int = 30):
                 parts.append(mpmath.mpf(int(part.p)) / int(part.q))
             else:
                 return None
-        c = mpmath.mpc(*parts)
+        with mpmath.workdps(digits):
+            c = mpmath.mpc(*parts)
     except (Deadline, KeyboardInterrupt):
         raise
     except Exception:
@@ -80,23 +129,32 @@ def _numeric(value, digits: int = 30):
     return c if mpmath.isfinite(c) else None
 
 
-def _close(x, y, rel: float) -> bool:
+def _close(x, y, rel) -> bool:
     return abs(x - y) <= rel * max(abs(x), abs(y)) or abs(x - y) <= rel * 1e-3
 
 
-def scalar_equal(a, b, na: NormalizedAnswer | None = None, nb: NormalizedAnswer | None = None) -> bool:
-    """Value equality of two sympy scalars under the rounding / tolerance / percent rules."""
+def _places(side: Side, value) -> int | None:
+    if isinstance(value, sympy.Rational):
+        return side.places.get(abs(value))
+    return None
+
+
+def scalar_equal(a, b, na=None, nb=None) -> bool:
+    """Value equality of two sympy scalars under the exactness / rounding / percent rules."""
+    sa, sb = _side(na), _side(nb)
     if a == b:
         return True
     candidates = [(a, b)]
-    if na is not None and nb is not None and na.percent != nb.percent:
-        candidates.append((a / 100, b) if na.percent else (a, b / 100))
-    return any(_scalar_equal_once(x, y, na, nb) for x, y in candidates)
+    if sa.percent != sb.percent:
+        candidates.append((a / 100, b) if sa.percent else (a, b / 100))
+    return any(_scalar_equal_once(x, y, sa, sb) for x, y in candidates)
 
 
-def _scalar_equal_once(a, b, na, nb) -> bool:
+def _scalar_equal_once(a, b, sa: Side, sb: Side) -> bool:
     if a == b:
         return True
+    if a.has(sympy.nan) or b.has(sympy.nan):
+        return False
     if a.has(sympy.oo, -sympy.oo, sympy.zoo) or b.has(sympy.oo, -sympy.oo, sympy.zoo):
         if a.is_infinite or b.is_infinite:
             return a == b
@@ -107,37 +165,34 @@ def _scalar_equal_once(a, b, na, nb) -> bool:
         except Exception:  # sympy cannot decide expressions mixing oo with symbols
             return False
     free = a.free_symbols | b.free_symbols
-    if not free:
-        va, vb = _numeric(a), _numeric(b)
-        if va is None or vb is None:
-            return False
-        da = na.decimals if na is not None else None
-        db = nb.decimals if nb is not None else None
-        if a.is_Rational and b.is_Rational and da is None and db is None:
-            return False  # exact rationals: already compared exactly
-        floaty = da is not None or db is not None or a.has(sympy.Float) or b.has(sympy.Float)
-        if _close(va, vb, _REL_FLOAT if floaty else _REL_EXACT):
-            return True
-        return _rounding_match(va, vb, da, db)
-    return _symbolic_equal(a, b, free)
+    if free:
+        return _symbolic_equal(a, b, free)
+    if a.is_Rational and b.is_Rational:
+        return _rounding_match(a, b, _places(sa, a), _places(sb, b))
+    if (a.is_Rational and _places(sa, a) is not None) or (b.is_Rational and _places(sb, b) is not None):
+        return False  # a decimal literal is never an irrational value
+    va, vb = _numeric(a, _EXACT_DIGITS), _numeric(b, _EXACT_DIGITS)
+    if va is None or vb is None:
+        return False
+    with mpmath.workdps(_EXACT_DIGITS):
+        return _close(va, vb, _REL_EXACT)
 
 
-def _rounding_match(va, vb, da: int | None, db: int | None) -> bool:
-    if va.imag != 0 or vb.imag != 0:
+def _rounding_match(a, b, da: int | None, db: int | None) -> bool:
+    """Response decimal ``a`` (da places) rounds to gold decimal ``b`` (db >= 2 places, db < da)."""
+    if da is None or db is None or db < 2 or da <= db:
         return False
-    if da is not None and db is not None:
-        if da == db or min(da, db) < 2:
-            return False
-        places = min(da, db)
-    elif db is not None:  # decimal gold, exact answer
-        places = db
-    elif da is not None:  # decimal answer, exact gold
-        if da < 2:
-            return False
-        places = da
-    else:
+    scaled = a * 10**db
+    lo, hi = sympy.floor(scaled), sympy.ceiling(scaled)
+    target = b * 10**db
+    if not target.is_Integer:
         return False
-    return abs(va.real - vb.real) <= 0.5 * mpmath.mpf(10) ** (-places) * (1 + 1e-9)
+    if lo == hi:
+        return lo == target
+    frac = scaled - lo
+    if frac == sympy.Rational(1, 2):  # a tie rounds either way
+        return target in (lo, hi)
+    return target == (hi if frac > sympy.Rational(1, 2) else lo)
 
 
 def _symbolic_equal(a, b, free) -> bool:
@@ -146,7 +201,13 @@ def _symbolic_equal(a, b, free) -> bool:
     agree = 0
     for _ in range(_RNG_POINTS):
         point = {s: sympy.Rational(rng.randint(500, 2500), 1000) for s in symbols}
-        va, vb = _numeric(a.subs(point)), _numeric(b.subs(point))
+        xa, xb = a.subs(point), b.subs(point)
+        if xa.is_Rational and xb.is_Rational:  # exact: no tolerance can hide a +1 under (x+2)^500
+            if xa != xb:
+                return False
+            agree += 1
+            continue
+        va, vb = _numeric(xa), _numeric(xb)
         if va is None or vb is None:
             continue
         if not _close(va, vb, _REL_SYMBOLIC):
@@ -169,38 +230,94 @@ def _expand_pm(x):
     return x
 
 
-def _eq_value(rel: Relation):
-    """The value an answer equation states: ``x = 3`` -> 3, ``3 = x`` -> 3, ``x = 1+2 = 3`` -> 3."""
-    if any(op != "=" for op in rel.ops):
-        return None
-    first, last = rel.terms[0], rel.terms[-1]
-    if _is_name(first):
-        return last
-    if _is_name(last):
-        return first
-    return None
-
-
 def _is_name(x) -> bool:
-    if isinstance(x, sympy.Symbol) and x != PM:
-        return True
-    return isinstance(x, sympy.Mul) and all(isinstance(f, sympy.Symbol) for f in x.args)
+    """A symbol, a product / ratio of symbols, |name|, a sum of names, a tuple of names, f(...)."""
+    if isinstance(x, sympy.Symbol):
+        return x != PM
+    if isinstance(x, sympy.Mul):
+        return all(
+            isinstance(f, sympy.Symbol) or (isinstance(f, sympy.Pow) and isinstance(f.base, sympy.Symbol) and f.exp in (-1, 1))
+            for f in x.args
+        ) and PM not in x.free_symbols
+    if isinstance(x, sympy.Abs):
+        return _is_name(x.args[0])
+    if isinstance(x, sympy.Add):
+        return all(_is_name(t) for t in x.args)
+    if isinstance(x, Bracketed) and x.left == "(":
+        return all(isinstance(t, sympy.Basic) and _is_name(t) for t in x.items)
+    return False
+
+
+def _is_constant(x) -> bool:
+    return isinstance(x, sympy.Basic) and not x.free_symbols
+
+
+def _eq_value(rel: Relation):
+    """The value an answer equation states (see the module docstring), or None."""
+    terms, ops = list(rel.terms), list(rel.ops)
+    if "~" in ops:  # x = 1/3 \approx 0.33: the exact part before the approximation
+        k = ops.index("~")
+        if k == 0:
+            if len(terms) >= 2 and _is_name(terms[0]):
+                terms, ops = [terms[0], terms[1]], ["="]
+            else:
+                return None
+        else:
+            terms, ops = terms[: k + 1], ops[:k]
+    if not ops or any(op != "=" for op in ops):
+        return None
+    first, last = terms[0], terms[-1]
+    if _is_name(first) and not _is_name(last):
+        return last
+    if _is_name(last) and not _is_name(first):
+        return first
+    if all(_is_constant(t) for t in terms):
+        return last
+    if _is_name(first) and len(terms) > 2:
+        return last
+    return None
 
 
 _FLIP = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}
 
 
+def _solve_linear(x: Relation):
+    """``-x > -4`` -> ``x < 4``: a two-sided inequality linear in one symbol, solved; else None."""
+    if len(x.terms) != 2 or x.ops[0] not in _FLIP or not all(isinstance(t, sympy.Basic) for t in x.terms):
+        return None
+    d = x.terms[0] - x.terms[1]
+    free = d.free_symbols
+    if len(free) != 1:
+        return None
+    (sym,) = free
+    try:
+        k = sympy.diff(d, sym)
+        rest = sympy.expand(d - k * sym)
+    except (Deadline, KeyboardInterrupt):
+        raise
+    except Exception:
+        return None
+    if k.free_symbols or rest.free_symbols or not k.is_real or k == 0:
+        return None
+    bound = -rest / k
+    op = x.ops[0] if k > 0 else _FLIP[x.ops[0]]
+    return Relation((sym, bound), (op,))
+
+
 def as_intervals(x):
     """x as a tuple of (lo, hi, lo_open, hi_open) intervals, or None if it is not interval-like."""
     if isinstance(x, Bracketed) and len(x.items) == 2 and all(isinstance(i, sympy.Basic) for i in x.items):
+        if x.left not in "([" or x.right not in ")]":
+            return None
         lo, hi = x.items
         return ((lo, hi, x.left == "(" or lo == -sympy.oo, x.right == ")" or hi == sympy.oo),)
     if isinstance(x, Relation):
         if x.ops == ("in",) and _is_name(x.terms[0]):
             return as_intervals(x.terms[1])
         names = [t for t in x.terms if _is_name(t)]
-        if len(names) != 1 or any(op in ("=", "in") for op in x.ops):
-            return None
+        if len(names) != 1 or any(op in ("=", "in", "~") for op in x.ops):
+            solved = _solve_linear(x) if not any(op in ("=", "in", "~", "!=") for op in x.ops) else None
+            return as_intervals(solved) if solved is not None else None
         if x.ops == ("!=",):
             v = x.terms[1] if _is_name(x.terms[0]) else x.terms[0]
             return ((-sympy.oo, v, True, True), (v, sympy.oo, True, True))
@@ -227,7 +344,7 @@ def as_intervals(x):
     return None
 
 
-def _interval_sets_equal(p, q) -> bool:
+def _interval_sets_equal(p, q, sa=_PLAIN, sb=_PLAIN) -> bool:
     if len(p) != len(q):
         return False
     used = [False] * len(q)
@@ -237,8 +354,8 @@ def _interval_sets_equal(p, q) -> bool:
                 not used[j]
                 and lo_open == lo_open2
                 and hi_open == hi_open2
-                and scalar_equal(lo, lo2)
-                and scalar_equal(hi, hi2)
+                and _entry_equal(lo, lo2, sa, sb)
+                and _entry_equal(hi, hi2, sa, sb)
             ):
                 used[j] = True
                 break
@@ -247,7 +364,14 @@ def _interval_sets_equal(p, q) -> bool:
     return True
 
 
-def _unordered_equal(xs, ys, na, nb) -> bool:
+def _entry_equal(x, y, sa: Side, sb: Side) -> bool:
+    """Scalar entries of containers: number rules with the sides' decimal places, without percent."""
+    if not (isinstance(x, sympy.Basic) and isinstance(y, sympy.Basic)):
+        return structures_equal(x, y, sa, sb)
+    return x == y or _scalar_equal_once(x, y, Side(None, sa.places), Side(None, sb.places))
+
+
+def _unordered_equal(xs, ys, sa, sb) -> bool:
     if len(xs) != len(ys):
         # Duplicates do not change a set: dedupe exact duplicates and retry once.
         xs, ys = tuple(dict.fromkeys(xs)), tuple(dict.fromkeys(ys))
@@ -256,12 +380,22 @@ def _unordered_equal(xs, ys, na, nb) -> bool:
     used = [False] * len(ys)
     for x in xs:
         for j, y in enumerate(ys):
-            if not used[j] and structures_equal(x, y, na, nb):
+            if not used[j] and _item_equal(x, y, sa, sb):
                 used[j] = True
                 break
         else:
             return False
     return True
+
+
+def _item_equal(x, y, sa, sb) -> bool:
+    if isinstance(x, sympy.Basic) and isinstance(y, sympy.Basic) and PM not in x.free_symbols | y.free_symbols:
+        return _entry_equal(x, y, sa, sb)
+    return structures_equal(x, y, sa, sb)
+
+
+def _ordered_equal(xs, ys, sa, sb) -> bool:
+    return len(xs) == len(ys) and all(_item_equal(x, y, sa, sb) for x, y in zip(xs, ys))
 
 
 def _flat_items(x):
@@ -272,55 +406,104 @@ def _flat_items(x):
     return None
 
 
-def structures_equal(a, b, na: NormalizedAnswer | None = None, nb: NormalizedAnswer | None = None) -> bool:
+def _reshape(x):
+    """Lists of equations and ;-groups become the tuples / solution sets they state."""
+    if isinstance(x, AnswerList):
+        items = tuple(_reshape(i) for i in x.items)
+        if all(isinstance(i, Relation) for i in items):
+            pairs = [(i.terms[0], _eq_value(i)) for i in items]
+            if all(v is not None and _is_name(n) for n, v in pairs):
+                names = [n for n, _ in pairs]
+                if len(set(names)) == len(names):
+                    return Bracketed(tuple(v for _, v in pairs), "(", ")")
+                if len(set(names)) == 1:
+                    return SetOf(tuple(v for _, v in pairs))
+        return AnswerList(items)
+    if isinstance(x, SolutionGroups):
+        return SetOf(tuple(_reshape(g) for g in x.groups))
+    return x
+
+
+def _gold_list_ordered(b: AnswerList, sb: Side) -> bool:
+    """Whether a gold comma list fixes an order (see the unordered-set rule in the module docstring)."""
+    if sb.joined:
+        return False
+    items = b.items
+    if not all(isinstance(i, sympy.Basic) and not i.free_symbols and PM not in i.free_symbols for i in items):
+        return not all(isinstance(i, (Bracketed, MatrixOf, SetOf, Relation)) for i in items)
+    try:
+        values = [float(sympy.re(sympy.N(i, 15))) for i in items]
+    except (Deadline, KeyboardInterrupt):
+        raise
+    except Exception:
+        return True
+    if any(sympy.im(sympy.N(i, 15)) != 0 for i in items):
+        return True
+    ascending = all(u <= v for u, v in zip(values, values[1:]))
+    descending = all(u >= v for u, v in zip(values, values[1:]))
+    return not (ascending or descending)
+
+
+def structures_equal(a, b, na=None, nb=None) -> bool:
     """Equality of two parsed answers (``a`` from the response, ``b`` from the gold)."""
-    a, b = _expand_pm(a), _expand_pm(b)
+    sa, sb = _side(na), _side(nb)
+    a, b = _reshape(_expand_pm(a)), _reshape(_expand_pm(b))
     if isinstance(a, Relation) and not isinstance(b, Relation):
         value = _eq_value(a)
         if value is not None:
-            return structures_equal(value, b, na, nb)
+            return structures_equal(value, b, sa, sb)
     if isinstance(b, Relation) and not isinstance(a, Relation):
         value = _eq_value(b)
         if value is not None:
-            return structures_equal(a, value, na, nb)
+            return structures_equal(a, value, sa, sb)
     ia, ib = as_intervals(a), as_intervals(b)
     if ia is not None and ib is not None and (isinstance(a, (Relation, UnionOf)) or isinstance(b, (Relation, UnionOf))):
-        return _interval_sets_equal(ia, ib)
+        return _interval_sets_equal(ia, ib, sa, sb)
     if isinstance(a, sympy.Basic) and isinstance(b, sympy.Basic):
-        return scalar_equal(a, b, na, nb)
+        return scalar_equal(a, b, sa, sb)
     if isinstance(a, Relation) and isinstance(b, Relation):
-        return _relations_equal(a, b)
-    if isinstance(a, (SetOf, AnswerList)) and isinstance(b, (SetOf, AnswerList)):
-        return _unordered_equal(a.items, b.items, na, nb)
+        va, vb = _eq_value(a), _eq_value(b)
+        if _relations_equal(a, b, sa, sb):
+            return True
+        if va is not None and vb is not None and isinstance(va, sympy.Basic) and isinstance(vb, sympy.Basic):
+            # x = 5+5+1 = 11 vs x = 11: same stated value, same name
+            return _names_match(a, b) and structures_equal(va, vb, sa, sb)
+        return False
+    if isinstance(b, AnswerList) and isinstance(a, (SetOf, AnswerList)):
+        if isinstance(a, AnswerList) and _gold_list_ordered(b, sb):
+            return _ordered_equal(a.items, b.items, sa, sb)
+        return _unordered_equal(a.items, b.items, sa, sb)
+    if isinstance(a, (SetOf, AnswerList)) and isinstance(b, SetOf):
+        return _unordered_equal(a.items, b.items, sa, sb)
     if isinstance(a, Bracketed) and isinstance(b, Bracketed):
-        if (a.left, a.right) != (b.left, b.right) and not (ia is not None and ib is not None):
-            return False
         if ia is not None and ib is not None:
-            return _interval_sets_equal(ia, ib)
-        return _ordered_equal(a.items, b.items, na, nb)
+            return _interval_sets_equal(ia, ib, sa, sb)
+        if (a.left, a.right) != (b.left, b.right):
+            return False
+        return _ordered_equal(a.items, b.items, sa, sb)
     if isinstance(a, MatrixOf) and isinstance(b, MatrixOf):
         if len(a.rows) != len(b.rows) or len(a.rows[0]) != len(b.rows[0]):
             return False
-        return _ordered_equal(sum(a.rows, ()), sum(b.rows, ()), na, nb)
+        return _ordered_equal(sum(a.rows, ()), sum(b.rows, ()), sa, sb)
     fa, fb = _flat_items(a), _flat_items(b)
     if fa is not None and fb is not None and (isinstance(a, MatrixOf) or isinstance(b, MatrixOf)):
-        return _ordered_equal(fa, fb, na, nb)
+        return _ordered_equal(fa, fb, sa, sb)
     if isinstance(a, AnswerList) and isinstance(b, Bracketed) and b.left == "(":
-        return _ordered_equal(a.items, b.items, na, nb)  # "1, 2" for the tuple "(1, 2)"
+        return _ordered_equal(a.items, b.items, sa, sb)  # "1, 2" for the tuple "(1, 2)"
     if isinstance(a, UnionOf) and isinstance(b, UnionOf):
-        return _unordered_equal(a.items, b.items, na, nb)
+        return _unordered_equal(a.items, b.items, sa, sb)
     return False
 
 
-def _ordered_equal(xs, ys, na, nb) -> bool:
-    return len(xs) == len(ys) and all(structures_equal(x, y, na, nb) for x, y in zip(xs, ys))
+def _names_match(a: Relation, b: Relation) -> bool:
+    return _is_name(a.terms[0]) and _is_name(b.terms[0]) and a.terms[0] == b.terms[0]
 
 
-def _relations_equal(a: Relation, b: Relation) -> bool:
+def _relations_equal(a: Relation, b: Relation, sa=_PLAIN, sb=_PLAIN) -> bool:
     if a.ops != b.ops and a.ops != tuple(_FLIP.get(o, o) for o in b.ops[::-1]):
         return False
     if len(a.terms) == 2 and len(b.terms) == 2 and all(isinstance(t, sympy.Basic) for t in a.terms + b.terms):
-        if a.ops == b.ops and structures_equal(a.terms[0], b.terms[0]) and structures_equal(a.terms[1], b.terms[1]):
+        if a.ops == b.ops and _entry_equal(a.terms[0], b.terms[0], sa, sb) and _entry_equal(a.terms[1], b.terms[1], sa, sb):
             return True
         if a.ops != ("=",) or b.ops != ("=",):
             return False
@@ -341,5 +524,5 @@ def _relations_equal(a: Relation, b: Relation) -> bool:
         return len(values) >= 3 and abs(values[0]) > 1e-12 and all(_close(v, values[0], _REL_SYMBOLIC) for v in values)
     if len(a.terms) != len(b.terms):
         return False
-    same = all(structures_equal(x, y) for x, y in zip(a.terms, b.terms))
-    return same or all(structures_equal(x, y) for x, y in zip(a.terms, b.terms[::-1]))
+    same = all(structures_equal(x, y, sa, sb) for x, y in zip(a.terms, b.terms))
+    return same or all(structures_equal(x, y, sa, sb) for x, y in zip(a.terms, b.terms[::-1]))

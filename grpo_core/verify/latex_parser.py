@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 
 import sympy
 
@@ -38,6 +39,7 @@ from grpo_core.verify.values import (
     MatrixOf,
     Relation,
     SetOf,
+    SolutionGroups,
     UnionOf,
     check_tower,
     safe_mul,
@@ -120,10 +122,16 @@ _RELOPS = {
     ">=": ">=",
     "!=": "!=",
     r"\in": "in",
-    r"\approx": "=",
+    r"\approx": "~",
     r"\equiv": "=",
 }
 _MATRIX_ENVS = {"pmatrix", "bmatrix", "matrix", "smallmatrix", "Bmatrix", "array", "vmatrix"}
+_FUNCTION_LETTERS = frozenset("fghP")
+"""Single letters read as a function application when followed by "(": ``f(3) = 10`` names the value 10."""
+_IGNORED = frozenset({r"\angle", r"\measuredangle", r"\triangle", r"\overline", r"\overrightarrow", r"\vec", r"\hat"})
+MAX_MATRIX_CELLS = 400
+MAX_BINOMIAL_DIGITS = 3000
+"""sympy's binomial is slow far below MAX_RESULT_DIGITS (C(100000, 50000) takes seconds): its own bound."""
 _PLAIN_WORDS = sorted(
     [w for w in list(_FUNCS) + list(_CONSTANTS) if len(w) > 1] + ["arcsin", "arccos", "arctan"],
     key=len,
@@ -169,6 +177,7 @@ class _Parser:
         self.toks = tokenize(text)
         self.i = 0
         self.depth = 0
+        self.decimals: dict = {}  # |value| of each decimal literal -> its number of decimal places
 
     # ---- token helpers -------------------------------------------------------------------------
     def peek(self, k: int = 0) -> str | None:
@@ -202,8 +211,21 @@ class _Parser:
         return out
 
     def top(self, closers):
+        groups = [self.comma_list(closers)]
+        while self.peek() == ";":
+            self.take()
+            if self.peek() is None or self.peek() in closers:
+                break
+            groups.append(self.comma_list(closers))
+        if len(groups) == 1:
+            return groups[0]
+        if not any(isinstance(g, AnswerList) for g in groups):
+            return AnswerList(tuple(groups))
+        return SolutionGroups(tuple(groups))
+
+    def comma_list(self, closers):
         items = [self.union()]
-        while self.peek() in (",", ";"):
+        while self.peek() == ",":
             self.take()
             if self.peek() is None or self.peek() in closers:
                 break
@@ -212,23 +234,45 @@ class _Parser:
 
     def union(self):
         parts = [self.relation()]
-        while self.peek() == r"\cup":
-            self.take()
-            parts.append(self.relation())
+        while self.peek() in (r"\cup", r"\setminus", r"\backslash"):
+            op = self.take()
+            right = self.relation()
+            if op == r"\cup":
+                parts.append(right)
+            else:  # interval minus finitely many points: \mathbb{R} \setminus \{0\}
+                parts[-1:] = _remove_points(parts[-1], right)
         return parts[0] if len(parts) == 1 else UnionOf(tuple(parts))
 
     def relation(self):
-        terms, ops = [self.expr()], []
+        terms, ops = [self.ratio()], []
         while self.peek() in _RELOPS:
             ops.append(_RELOPS[self.take()])
-            terms.append(self.expr() if ops[-1] != "in" else self.union())
+            terms.append(self.ratio() if ops[-1] != "in" else self.union())
         return terms[0] if not ops else Relation(tuple(terms), tuple(ops))
+
+    def ratio(self):
+        """``a : b`` is the number a/b; ``a : b : c`` an ordered ratio tuple."""
+        parts = [self.expr()]
+        while self.peek() == ":":
+            self.take()
+            parts.append(self.expr())
+        if len(parts) == 1:
+            return parts[0]
+        _need_scalar(*parts)
+        if len(parts) == 2:
+            if parts[1] == 0:
+                raise ParseError("ratio with zero")
+            return safe_mul(parts[0], sympy.Pow(parts[1], -1))
+        return Bracketed(tuple(parts), ":", ":")
 
     def expr(self):
         left = self.term()
         while self.peek() in ("+", "-", r"\pm", r"\mp"):
             op = self.take()
             right = self.term()
+            if isinstance(left, MatrixOf) and isinstance(right, MatrixOf) and op in ("+", "-"):
+                left = _matrix_add(left, right, 1 if op == "+" else -1)
+                continue
             _need_scalar(left, right)
             if op == "+":
                 left = sympy.Add(left, right)
@@ -250,6 +294,7 @@ class _Parser:
                 or name in _CONSTANTS
                 or name in _GREEK
                 or name in ("frac", "sqrt", "binom", "begin", "lfloor", "lceil", "log", "emptyset", "varnothing")
+                or tok in _IGNORED
             )
         return False
 
@@ -263,6 +308,9 @@ class _Parser:
             if tok in ("*", r"\cdot", r"\times", "/", r"\div"):
                 self.take()
                 right = self.unary()
+                if tok not in ("/", r"\div") and (isinstance(left, MatrixOf) or isinstance(right, MatrixOf)):
+                    left = _matrix_mul(left, right)
+                    continue
                 _need_scalar(left, right)
                 if tok in ("/", r"\div"):
                     if right == 0:
@@ -273,6 +321,10 @@ class _Parser:
             elif self._starts_atom(tok):
                 mixed = first and int_literal and tok == r"\frac"
                 right = self.power()
+                if isinstance(left, MatrixOf) or isinstance(right, MatrixOf):
+                    left = _matrix_mul(left, right)
+                    first = False
+                    continue
                 _need_scalar(left, right)
                 if mixed and right.is_Rational and 0 < right < 1 and left.is_Integer:
                     # 2\frac{1}{3} is the mixed number 7/3 and -2\frac{1}{3} is -7/3
@@ -285,14 +337,15 @@ class _Parser:
 
     def unary(self):
         tok = self.peek()
-        if tok == "-":
-            self.take()
+        if tok in ("-", "+"):
+            negative = False
+            while self.peek() in ("-", "+"):  # "------3": a run of signs, read without recursion
+                negative ^= self.take() == "-"
             v = self.unary()
+            if isinstance(v, MatrixOf) and negative:
+                return _matrix_mul(sympy.Integer(-1), v)
             _need_scalar(v)
-            return -v
-        if tok == "+":
-            self.take()
-            return self.unary()
+            return -v if negative else v
         if tok in (r"\pm", r"\mp"):
             self.take()
             v = self.unary()
@@ -347,8 +400,13 @@ class _Parser:
 
     def atom(self):
         tok = self.take()
+        while tok in _IGNORED:
+            tok = self.take()
         if tok[0].isdigit() or tok[0] == ".":
-            return _number(tok)
+            value = _number(tok)
+            if "." in tok and "e" not in tok.lower():
+                self.decimals[value] = len(tok.partition(".")[2])
+            return value
         if tok.isalpha():
             return self._symbol(tok)
         if tok == "{":
@@ -392,6 +450,16 @@ class _Parser:
         raise ParseError(f"unexpected {tok!r}")
 
     def _symbol(self, name: str):
+        if name in _FUNCTION_LETTERS and self.peek() == "(":
+            self.take()
+            self.enter()
+            inner = self.top(closers=(")",))
+            self.expect(")")
+            self.depth -= 1
+            args = inner.items if isinstance(inner, AnswerList) else (inner,)
+            if not all(isinstance(a, sympy.Basic) for a in args):
+                raise ParseError("unsupported function argument")
+            return sympy.Symbol(f"{name}({','.join(sympy.sstr(a) for a in args)})")
         if name == "e":
             return sympy.E
         if name == "i" and self.peek() != "_":
@@ -440,7 +508,7 @@ class _Parser:
             _need_scalar(n, k)
             if n.is_Integer and k.is_Integer and 0 <= k <= n:
                 log10 = (math.lgamma(int(n) + 1) - math.lgamma(int(k) + 1) - math.lgamma(int(n - k) + 1)) / math.log(10)
-                if abs(int(n)) > 10 * MAX_RESULT_DIGITS or log10 > MAX_RESULT_DIGITS:
+                if abs(int(n)) > 10 * MAX_RESULT_DIGITS or log10 > MAX_BINOMIAL_DIGITS:
                     raise TooBig("binomial too large")
             elif n.is_Number and abs(n) > 10 * MAX_RESULT_DIGITS:
                 raise TooBig("binomial too large")
@@ -499,9 +567,13 @@ class _Parser:
         self.enter()
         rows, row = [], []
         while True:
+            while self.peek() == r"\hline":
+                self.take()
             if self.peek() == r"\end":
                 break
             row.append(self.expr())
+            if len(rows) * max(1, len(row)) > MAX_MATRIX_CELLS:
+                raise TooBig("matrix too large")
             tok = self.take()
             if tok == "&":
                 continue
@@ -525,18 +597,64 @@ class _Parser:
         return MatrixOf(tuple(rows))
 
 
+def _big_int(digits: str) -> int:
+    """int(digits) in O(n^1.6) by halving (CPython's int(str) is quadratic and capped at 4300 digits)."""
+    if len(digits) <= 3000:
+        return int(digits)
+    half = len(digits) // 2
+    return _big_int(digits[:-half]) * 10**half + _big_int(digits[-half:])
+
+
 def _number(tok: str):
-    if len(tok) > 400:
+    if len(tok) > MAX_RESULT_DIGITS:
         raise TooBig("number literal too long")
     mantissa, _, exponent = tok.replace("E", "e").partition("e")
     # Exact decimal from integers (no string parsing by sympy): "12.50" -> 1250 / 100.
     whole, _, frac = mantissa.partition(".")
-    value = sympy.Rational(int((whole or "0") + frac), 10 ** len(frac))
+    value = sympy.Rational(_big_int((whole or "0") + frac), 10 ** len(frac))
     if exponent:
         if abs(int(exponent)) > MAX_RESULT_DIGITS:
             raise TooBig("scientific exponent too large")
         value = value * sympy.Integer(10) ** int(exponent)
     return value
+
+
+def _remove_points(interval, points) -> list:
+    if not (isinstance(interval, Bracketed) and len(interval.items) == 2 and isinstance(points, SetOf)):
+        raise ParseError("unsupported set difference")
+    lo, hi = interval.items
+    cuts = sorted(set(points.items), key=lambda p: float(p) if p.is_real and p.is_number else math.inf)
+    if not all(isinstance(p, sympy.Basic) and p.is_number and p.is_real and bool(lo < p < hi) for p in cuts):
+        raise ParseError("unsupported set difference")
+    pieces, left, start = [], interval.left, lo
+    for p in cuts:
+        pieces.append(Bracketed((start, p), left, ")"))
+        left, start = "(", p
+    pieces.append(Bracketed((start, hi), left, interval.right))
+    return pieces
+
+
+def _matrix_add(a: MatrixOf, b: MatrixOf, sign: int) -> MatrixOf:
+    if len(a.rows) != len(b.rows) or len(a.rows[0]) != len(b.rows[0]):
+        raise ParseError("adding matrices of different shapes")
+    return MatrixOf(tuple(tuple(x + sign * y for x, y in zip(ra, rb)) for ra, rb in zip(a.rows, b.rows)))
+
+
+def _matrix_mul(a, b) -> MatrixOf:
+    """scalar * matrix, matrix * scalar or a matrix product (shapes checked, size bounded)."""
+    if isinstance(a, sympy.Basic) and isinstance(b, MatrixOf):
+        return MatrixOf(tuple(tuple(safe_mul(a, y) for y in row) for row in b.rows))
+    if isinstance(a, MatrixOf) and isinstance(b, sympy.Basic):
+        return MatrixOf(tuple(tuple(safe_mul(x, b) for x in row) for row in a.rows))
+    if isinstance(a, MatrixOf) and isinstance(b, MatrixOf):
+        n, k, m = len(a.rows), len(a.rows[0]), len(b.rows[0])
+        if k != len(b.rows) or n * k * m > 8 * MAX_MATRIX_CELLS:
+            raise ParseError("matrix product of incompatible or too large shapes")
+        return MatrixOf(tuple(
+            tuple(sympy.Add(*[safe_mul(a.rows[i][t], b.rows[t][j]) for t in range(k)]) for j in range(m))
+            for i in range(n)
+        ))
+    raise ParseError("arithmetic on a non-scalar (tuple, set, relation)")
 
 
 def _need_scalar(*values) -> None:
@@ -550,4 +668,18 @@ def parse_math(text: str):
 
     Raises ParseError / TooBig on anything outside the grammar or the size bounds.
     """
-    return _Parser(text).parse()
+    return parse_with_decimals(text)[0]
+
+
+def parse_with_decimals(text: str):
+    """(parsed value, {|value|: decimal places} of the decimal literals written in ``text``)."""
+    parser = _Parser(text)
+    limit = sys.getrecursionlimit()
+    if limit < 6000:  # MAX_DEPTH nested groups need ~12 frames each; Python 3.11 frames are cheap
+        sys.setrecursionlimit(6000)
+    try:
+        value = parser.parse()
+    finally:
+        if limit < 6000:
+            sys.setrecursionlimit(limit)
+    return value, parser.decimals

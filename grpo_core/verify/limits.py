@@ -19,9 +19,11 @@ MAX_RESPONSE_CHARS = 1_000_000
 """Responses longer than this are cut to their last MAX_RESPONSE_CHARS characters (final answer is at the end)."""
 MAX_ANSWER_CHARS = 1000
 """An extracted answer span longer than this is rejected (no answer)."""
-MAX_DEPTH = 40
+MAX_LITERAL_CHARS = 120_000
+"""A span that is one plain number literal may be this long (a 100,000-digit integer compares in ~0.1 s)."""
+MAX_DEPTH = 100
 """Deepest bracket / brace / \\frac nesting the parser follows; deeper input is a parse failure."""
-MAX_RESULT_DIGITS = 10_000
+MAX_RESULT_DIGITS = 120_000
 """Numeric powers / products whose exact result would exceed ~this many decimal digits are refused."""
 MAX_FACTORIAL_ARG = 1000
 """Largest integer n for which n! is evaluated."""

@@ -11,7 +11,17 @@ Rules (documented contract; the same function is applied to the response's answe
 * a percent sign is dropped and remembered (see :mod:`grpo_core.verify.equivalence` for the rule);
 * ``1{,}000`` / ``1,000,000`` become ``1000`` / ``1000000`` when the whole answer is one number;
   ``2 1/3`` (whole answer) is the mixed number 7/3;
-* trailing unit words after a number (``5 apples``) and a trailing ``.`` are dropped.
+* trailing unit words after a number (``5 apples``, ``60 km/h``, ``12 cm²``), currency signs
+  (``\\$``, ``€``, ``£``, ``¥``, ``₹``) and a trailing ``.`` are dropped; a leading label word
+  (``Area = 12``, ``\\text{Total}: 12``) is dropped;
+* number formats: thin-space / space thousands groups (``2\\,000``, ``2 000``), ``22,\\!333``, a decimal
+  comma where it cannot be a thousands separator (``2500,75``, ``0,125``, ``1,5``: not exactly three digits
+  after the comma, or a leading ``0,``), European ``2.500,75``;
+* ``+7 2/3`` / ``7 2/3`` (whole answer) is the mixed number 23/3, but only with spaces on one line
+  (``7\n1/4`` is not a number) and never with a percent sign (``7 1/4%`` is ambiguous: rejected);
+* a repeating decimal ``0.1\\overline{6}`` is its exact fraction (1/6);
+* ordinal suffixes (``5th``, ``5^{\\text{th}}``) are dropped; a single number word (``five``) is its number;
+* ``nan`` is never a value (rejected).
 """
 
 from __future__ import annotations
@@ -43,10 +53,21 @@ _UNICODE = {
     "\u00b1": r"\pm ",
     "\u222a": r"\cup ",
     "\u00b0": "",
+    "\u00b2": "^2",
+    "\u00b3": "^3",
+    "\u20ac": " ",
+    "\u00a3": " ",
+    "\u00a5": " ",
+    "\u20b9": " ",
+    "\u27e8": "(",
+    "\u27e9": ")",
+    "\u2009": " ",
+    "\u202f": " ",
+    "\u00a0": " ",
 }
 _DROP_CMDS = re.compile(
     r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg|displaystyle|textstyle|"
-    r"scriptstyle|quad|qquad|limits|nolimits)(?![A-Za-z])|(?<!\\)\\[,;:! ]|~"
+    r"scriptstyle|quad|qquad|limits|nolimits|hline|boxed|fbox)(?![A-Za-z])|(?<!\\)\\[,;: ]|~"
 )
 _TEXT_CMDS = ("text", "textrm", "textnormal", "mbox", "textup", "textit", "textbf", "hbox")
 _UNWRAP_CMDS = ("mathrm", "mathbf", "mathit", "mathsf", "boldsymbol", "bm", "operatorname", "mathbb", "mathnormal")
@@ -54,8 +75,40 @@ _WRAP_RE = re.compile(r"\\(" + "|".join(_TEXT_CMDS + _UNWRAP_CMDS) + r")\s*\{")
 _DEGREE_RE = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree(?![A-Za-z])|\^\s*\{\s*o\s*\}")
 _PERCENT_RE = re.compile(r"\\?%")
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_MIXED_RE = re.compile(r"(-?)(\d+)\s+(\d+)\s*/\s*(\d+)")
-_TRAILING_WORDS_RE = re.compile(r"(?:\s+[A-Za-z]{2,}\.?(?:\^\{?\d\}?)?)+\s*$")
+_MIXED_RE = re.compile(r"([-+]?)(\d+) +(\d+) */ *(\d+)")
+_TRAILING_WORDS_RE = re.compile(r"(?:\s+(?:[A-Za-z]{2,}(?:/[A-Za-z]+)*|[A-Za-z]/[A-Za-z]+)\.?(?:\^\{?\d\}?)?)+\s*$")
+_ATTACHED_UNIT_RE = re.compile(
+    r"(?<=\d)\s*(?:(?:cm|mm|km|kg|mg|ml|mL|ft|in|lb|lbs|oz|mph|hrs?|min|sec|m|g|s|h)(?:\^\{?[23]\}?)"
+    r"|(?:cm|mm|km|kg|mg|ml|mL|ft|lbs?|oz|mph|hrs?|min|sec|km/h|m/s))$"
+)
+_REPEATING_RE = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\s*\{\s*(\d{1,50})\s*\}")
+
+
+def _repeating_fraction(m: re.Match) -> str:
+    """``0.1\\overline{6}`` -> ``(15/90)``: the exact value of a repeating decimal."""
+    whole, fixed, rep = m.group(1) or "0", m.group(2), m.group(3)
+    if len(whole) + len(fixed) > 50:
+        return m.group(0)
+    num = int(whole + fixed + rep) - int(whole + fixed)
+    den = (10 ** len(rep) - 1) * 10 ** len(fixed)
+    return f"({num}/{den})"
+
+
+_ORDINAL_RE = re.compile(r"(?<=\d)\s*(?:\^\s*\{\s*(?:\\(?:text|mathrm)\s*\{)?\s*(?:st|nd|rd|th)\s*\}?\s*\}|\\(?:text|mathrm)\s*\{\s*(?:st|nd|rd|th)\s*\}|(?:st|nd|rd|th)\b)")
+_WORD_NUMBERS = {
+    w: str(i)
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen twenty".split()
+    )
+}
+_WORD_NUMBERS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80",
+                      "ninety": "90", "hundred": "100", "thousand": "1000", "million": "1000000"})
+_LABEL_RE = re.compile(r"^\s*[A-Za-z][A-Za-z ]{2,}\s*[=:]\s*(?=\S)")
+_SPACE_GROUPS_RE = re.compile(r"(?<![\d.])(\d{1,3})((?: \d{3})+)(?![\d/])")
+_DECIMAL_COMMA_RE = re.compile(r"(-?)(\d+),(\d+)")
+_EURO_RE = re.compile(r"(-?\d{1,3}(?:\.\d{3})+),(\d+)")
+_UNIT_LETTER_RE = re.compile(r"\\(?:text|mbox|mathrm)\s*\{\s+[A-Za-z]\s*\}(?:\s*\^\s*(?:\{\s*\d\s*\}|\d))?")
 _DECIMAL_RE = re.compile(r"-?(\d*)\.(\d+)")
 
 
@@ -69,6 +122,10 @@ class NormalizedAnswer:
     """A percent sign was present."""
     decimals: int | None
     """If the answer is a plain decimal literal (``0.33``, ``-2.50``): its number of decimal places."""
+    joined_by_words: bool = False
+    """The answer listed items with "and" / "or" (a solution set, compared unordered)."""
+    rejected: bool = False
+    """The answer is malformed in a way that must not match anything (``nan``, ``7 1/4%``)."""
 
 
 def _unwrap_text_commands(s: str) -> str:
@@ -104,20 +161,39 @@ def normalize_span(span: str) -> NormalizedAnswer:
     for ch, rep in _UNICODE.items():
         if ch in s:
             s = s.replace(ch, rep)
-    s = s.replace("\\$", "").replace("$", "")
+    s = s.replace("\\$", " ").replace("$", " ")
+    s = re.sub(r",\\!\s*|\s*\{\s*,\s*\}\s*", ",", s).replace("\\!", "")
+    joined = re.search(r"\b(?:or|and)\b", s) is not None and re.search(r"\d|\\|=|<|>", s) is not None
+    s = re.sub(r"\\mathbb\s*\{\s*R\s*\}|\\R(?![A-Za-z])", r"(-\\infty,\\infty)", s)
+    s = re.sub(r"\\langle(?![A-Za-z])", "(", s)
+    s = re.sub(r"\\rangle(?![A-Za-z])", ")", s)
+    s = _UNIT_LETTER_RE.sub(" ", s)  # "5\text{ m}^2": a spaced single letter in \text is a unit
     s = re.sub(r"\\[\[\]()]", " ", s)
     s = re.sub(r"\\[dtc]frac(?![A-Za-z])", r"\\frac", s)
     s = re.sub(r"\\[dt]binom(?![A-Za-z])", r"\\binom", s)
     s = _DROP_CMDS.sub(" ", s)
     s = _DEGREE_RE.sub("", s)
+    if "overline" in s:
+        s = _REPEATING_RE.sub(_repeating_fraction, s)
+    s = _ORDINAL_RE.sub("", s)
     s = _unwrap_text_commands(s)
     s = s.replace("{,}", ",")
-    s = re.sub(r"\s*\bper\s*cent\b", "%", s, flags=re.IGNORECASE)
+    s = re.sub(r"\s*\b(?:per\s*cent(?:age)?|pct)\b", "%", s, flags=re.IGNORECASE)
+    rejected = re.search(r"\bnan\b", s, re.IGNORECASE) is not None
+    split_number = re.search(r"\d[ \t]*\n\s*[\d\\]", s) is not None  # "7\n1/4" is not one number
     percent = bool(_PERCENT_RE.search(s))
     if percent:
         s = _PERCENT_RE.sub("", s)
     s = re.sub(r"\s+", " ", s).strip()
-    s = re.sub(r"\b(?:or|and)\b", ",", s) if re.search(r"\d|\\|=|<|>", s) else s
+    if re.search(r"\d|\\|=|<|>", s) and re.search(r"\b(?:or|and)\b", s):
+        s, joined = re.sub(r"\s*,?\s*\b(?:or|and)\b", ",", s), True
+    s = re.sub(r",\s*,", ",", s).strip(" ,")
+    s = re.sub(r"^[=:]\s*", "", s)
+    label = _LABEL_RE.match(s)
+    if label and not any(w.lower() in _MATH_WORDS for w in re.findall(r"[A-Za-z]+", label.group(0))) and len(
+        re.findall(r"[A-Za-z]{3,}", label.group(0))
+    ):
+        s = s[label.end() :]
     s = s.rstrip(".").strip()
     # "5 apples", "12 square units": drop trailing words after something numeric.
     m = _TRAILING_WORDS_RE.search(s)
@@ -125,12 +201,35 @@ def normalize_span(span: str) -> NormalizedAnswer:
         words = re.findall(r"[A-Za-z]+", m.group(0))
         if not any(w.lower() in _MATH_WORDS for w in words):
             s = s[: m.start()].strip()
-    if _THOUSANDS_RE.fullmatch(s):
+    s = _SPACE_GROUPS_RE.sub(lambda m: m.group(1) + m.group(2).replace(" ", ""), s) if not split_number else s
+    euro = _EURO_RE.fullmatch(s)
+    if euro:
+        s = euro.group(1).replace(".", "") + "." + euro.group(2)
+    attached = _ATTACHED_UNIT_RE.search(s)
+    if attached and attached.start() > 0:
+        s = s[: attached.start()].strip()
+    if _THOUSANDS_RE.fullmatch(s) and not s.lstrip("-").startswith("0,"):
         s = s.replace(",", "")
+    comma = _DECIMAL_COMMA_RE.fullmatch(s)
+    if comma and (len(comma.group(3)) not in (1, 3) or comma.group(2) == "0"):
+        s = f"{comma.group(1)}{comma.group(2)}.{comma.group(3)}"
     mixed = _MIXED_RE.fullmatch(s)
     if mixed:
         sign, whole, num, den = mixed.groups()
-        s = f"{sign}({whole}+{num}/{den})"
+        if percent or split_number:
+            rejected = True
+        s = f"{'-' if sign == '-' else ''}({whole}+{num}/{den})"
+    word = _WORD_NUMBERS.get(s.lower())
+    if word is not None:  # "\\text{five}"
+        s = word
     dec = _DECIMAL_RE.fullmatch(s)
     decimals = len(dec.group(2)) if dec else None
-    return NormalizedAnswer(text=s, percent=percent, decimals=decimals)
+    return NormalizedAnswer(text=s, percent=percent, decimals=decimals, joined_by_words=joined, rejected=rejected)
+
+
+def decimal_comma_reading(text: str) -> str | None:
+    """``3,4`` read as the decimal 3.4 (used only when the gold is a single number), else None."""
+    comma = _DECIMAL_COMMA_RE.fullmatch(text)
+    if comma and len(comma.group(3)) != 3:
+        return f"{comma.group(1)}{comma.group(2)}.{comma.group(3)}"
+    return None

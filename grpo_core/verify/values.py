@@ -44,6 +44,13 @@ class AnswerList:
 
 
 @dataclass(frozen=True)
+class SolutionGroups:
+    """``a=3,b=1; a=5,b=1``: ``;``-separated solutions (an unordered set of what each group states)."""
+
+    groups: tuple
+
+
+@dataclass(frozen=True)
 class UnionOf:
     """``A \\cup B \\cup ...``."""
 
@@ -102,7 +109,7 @@ def _safe_pow(base, exp):
         if base.is_Rational and exp.is_Rational:
             if base == 0 and exp < 0:
                 raise ParseError("0 to a negative power")
-            if abs(int(exp.p)) * _digits(base) > MAX_RESULT_DIGITS or abs(int(exp.p)) > 10 * MAX_RESULT_DIGITS:
+            if abs(int(exp.p)) > 10 * MAX_RESULT_DIGITS or abs(int(exp.p)) * _digits(base) > MAX_RESULT_DIGITS:
                 raise TooBig("power result too large")
         elif abs(float(exp)) > 10 * MAX_RESULT_DIGITS:
             raise TooBig("power exponent too large")
@@ -118,6 +125,6 @@ def _safe_pow(base, exp):
 
 
 def safe_mul(a, b):
-    if a.is_Rational and b.is_Rational and _digits(a) + _digits(b) > 4 * MAX_RESULT_DIGITS:
+    if a.is_Rational and b.is_Rational and _digits(a) + _digits(b) > MAX_RESULT_DIGITS:
         raise TooBig("product too large")
     return sympy.Mul(a, b)
