@@ -21,7 +21,7 @@ the range avoids.
 
 (Measured from each release's source by benchmarks/check_vllm_api.py; the per-release rows are in
 benchmarks/results/vllm_api_check.md.) Sleep semantics read from the source: from 0.17 `sleep` also pauses
-the scheduler; 0.17 - 0.32 resume it on every `wake_up`, 0.33+ only once all memory is resident again. The
+the scheduler; 0.17 - 0.30 resume it on every `wake_up`, 0.31+ only once all memory is resident again. The
 engine's order (wake weights, load, wake kv_cache, then generate) is fully awake before generating in all.
 
 Common to all: `LLM(model, distributed_executor_backend="external_launcher", enable_sleep_mode, seed,
@@ -168,9 +168,12 @@ def sleep(llm) -> None:
 
 
 def wake_up(llm, tags: list[str] | None = None) -> None:
-    """Re-map the given memory pools ("weights", "kv_cache"; None = all). 0.34 returns whether it is fully
-    awake and resumes scheduling itself when it is; older releases return None."""
-    llm.wake_up(tags=tags) if tags is not None else llm.wake_up()
+    """Re-map the given memory pools ("weights", "kv_cache"; None = all). From 0.31 the engine resumes
+    scheduling only once fully awake (0.32+ return whether it is); older releases return None."""
+    if tags is None:
+        llm.wake_up()
+    else:
+        llm.wake_up(tags=tags)
 
 
 def max_model_len(llm) -> int:
