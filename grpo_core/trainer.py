@@ -16,6 +16,7 @@ not depend on the number of ranks or on micro-batching.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -30,12 +31,22 @@ import torch.nn as nn
 from kernels import backend_summary
 
 from grpo_core import distributed as gdist
-from grpo_core.advantages import aggregation_notice
+from grpo_core.advantages import DynamicSamplingBuffer, aggregation_notice, compute_advantages, edas_shape
+from grpo_core.anchor import find_anchor
+from grpo_core.checkpoint import find_checkpoint, load_rng, load_trainer_state, save_checkpoint
 from grpo_core.config import Config, config_diff, deepspeed_config
+from grpo_core.data.sampler import PromptSampler
+from grpo_core.evaluate import evaluate_accuracy
 from grpo_core.experience import Group, Response
 from grpo_core.losses import LossNormalizer, PolicyObjective, backward_scale
 from grpo_core.metrics import UpdateMetrics, rollout_metrics
+from grpo_core.model import CausalLM
 from grpo_core.packing import MicroBatch, build_micro_batch, padding_micro_batch, plan_micro_batches
+from grpo_core.rollout import build_engine
+from grpo_core.rollout.base import SamplingParams
+from grpo_core.run_setup import prepare_run
+from grpo_core.tracking import MetricsLogger, plot_curves
+from grpo_core.weight_sync import sync_engine_weights
 
 
 class PolicyForward(nn.Module):
@@ -77,16 +88,12 @@ def lr_at(cfg: Config, opt_step: int) -> float:
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str = "none", force: bool = False):
-        from grpo_core.run_setup import prepare_run
-
         self.cfg = cfg
         self.t0 = time.time()
         self.dist = gdist.init_distributed(cfg.trainer.device)
         self.device = self.dist.device
         self.out = Path(cfg.trainer.output_dir)
         set_seed(cfg.trainer.seed)
-        from grpo_core.checkpoint import find_checkpoint
-
         self._resume_from = find_checkpoint(self.out, resume)
         # tokenizer, model dir, datasets, verifier, warm start (skipped when resuming: the checkpoint has it)
         self.run = prepare_run(cfg, self.dist, resuming=self._resume_from is not None)
@@ -94,9 +101,6 @@ class Trainer:
         self.step = 0
         self.opt_steps = 0
         self._build_engines()
-        from grpo_core.advantages import DynamicSamplingBuffer
-        from grpo_core.data.sampler import PromptSampler
-
         self.sampler = PromptSampler(len(self.run.train_set), cfg.trainer.train_batch_prompts, seed=cfg.trainer.seed)
         self.dyn = DynamicSamplingBuffer(cfg.trainer.train_batch_prompts, cfg.algorithm.max_gen_batches)
         self.eval_before: Optional[float] = None
@@ -105,8 +109,6 @@ class Trainer:
         # right after step N is logged (and checkpointed, if due).
         fault = os.environ.get("GRPO_FAULT_INJECT", "")
         self._kill_after = int(fault.split("=", 1)[1]) if fault.startswith("kill_after_step=") else None
-        from grpo_core.tracking import MetricsLogger
-
         self.log = MetricsLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
                                  progress_bar=cfg.logging.progress_bar, total_steps=cfg.trainer.max_steps,
                                  initial_step=self.step)
@@ -119,10 +121,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ set-up
     def _build_engines(self) -> None:
-        import deepspeed
-
-        from grpo_core.model import CausalLM
-        from grpo_core.rollout import build_engine
+        import deepspeed  # lazy: a multi-second import, paid only when a Trainer is built
 
         cfg = self.cfg
         use_cuda = self.device.type == "cuda"
@@ -162,7 +161,7 @@ class Trainer:
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         """The full policy weights under HF names (collective under ZeRO-3: every rank must call it)."""
-        import deepspeed
+        import deepspeed  # lazy: see _build_engines
 
         params = list(self.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -172,8 +171,6 @@ class Trainer:
     def sync_rollout_weights(self) -> float:
         """Stream the policy into the rollout engine bucket by bucket (one ZeRO-3 submodule gathered at a time;
         collective: every rank). Wakes a sleeping vLLM engine. Returns seconds."""
-        from grpo_core.weight_sync import sync_engine_weights
-
         return sync_engine_weights(self.rollout_engine, self.module, prefix_to_strip="policy.").seconds
 
     # ------------------------------------------------------------------------------------------ rollout
@@ -202,9 +199,6 @@ class Trainer:
         return kept, metrics
 
     def _generate_groups(self, prompt_indices: list[int], step: int, round_index: int) -> list[Group]:
-        from grpo_core.anchor import find_anchor
-        from grpo_core.rollout.base import SamplingParams
-
         cfg = self.cfg
         rank, world = self.dist.rank, self.dist.world_size
         positions = list(range(rank, len(prompt_indices), world))  # this rank's share of the round's prompts
@@ -236,8 +230,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ advantages
     def assign_advantages(self, groups: list[Group]) -> None:
-        from grpo_core.advantages import compute_advantages, edas_shape
-
         a = self.cfg.algorithm
         samples = [s for g in groups for s in g.samples]
         if not samples:
@@ -369,8 +361,6 @@ class Trainer:
     def evaluate(self) -> dict:
         """Held-out accuracy, greedy (`accuracy`, what the summary reports) and sampled at the rollout
         temperature (`accuracy_sampled`)."""
-        from grpo_core.evaluate import evaluate_accuracy
-
         self.sync_rollout_weights()
         args = (self.rollout_engine, self.run.eval_set, self.run.verifier, self.cfg, self.dist)
         res = evaluate_accuracy(*args)
@@ -420,11 +410,7 @@ class Trainer:
         summary["wall_seconds"] = time.time() - self.t0
         summary["final_checkpoint"] = str(self.out / "checkpoints" / f"step_{self.step:06d}" / "hf")
         if self.dist.is_main:
-            import json
-
             if self.cfg.logging.plot:
-                from grpo_core.tracking import plot_curves
-
                 plot_curves(self.out / "metrics.jsonl", self.out / "curves.png", title="grpo-core")
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
         self.log.close()
@@ -438,8 +424,6 @@ class Trainer:
                 "world_size": self.dist.world_size, "config": self.cfg.to_dict()}
 
     def save(self) -> None:
-        from grpo_core.checkpoint import save_checkpoint
-
         state = self.trainer_state()
         save_checkpoint(self.out, self.step, engine=self.engine, trainer_state=state, rank=self.dist.rank,
                         export_hf=self._export_hf if self.cfg.checkpoint.export_hf else None,
@@ -452,8 +436,6 @@ class Trainer:
             self.tokenizer.save_pretrained(directory)
 
     def _maybe_resume(self, force: bool) -> None:
-        from grpo_core.checkpoint import load_rng, load_trainer_state
-
         ckpt = self._resume_from
         if ckpt is None:
             return
