@@ -36,7 +36,7 @@ class ModelConfig:
     tiny_num_kv_heads: int = 2  # key/value heads of the tiny model (GQA)
     tiny_intermediate_size: int = 128  # MLP width of the tiny model
     attn_backend: Literal["auto", "sdpa", "flash_attn"] = "auto"  # attention kernel; flash_attn needs the gpu extra
-    kernel_backend: Literal["auto", "triton", "torch"] = "auto"  # fused LM-head/loss kernels: auto = triton on CUDA
+    kernel_backend: Literal["auto", "triton", "torch"] = "auto"  # kernels: auto = triton on CUDA, torch on CPU
     activation_checkpointing: bool = False  # recompute each decoder layer in backward to save memory
     # Compute the token loss inside the LM head's forward (kernels.fused_token_loss): 3 LM-head GEMMs per
     # update instead of 4. Needs a token-separable loss: policy_loss ppo, fipo off, tis off.

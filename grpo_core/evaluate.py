@@ -12,13 +12,13 @@ from typing import Optional
 import torch
 
 from grpo_core import distributed as gdist
+from grpo_core.metrics import avg_at_k, entropy_area_score, maj_at_k, pass_at_k
 from grpo_core.packing import pack_sequences, plan_sequences
 from grpo_core.progress import generate_with_progress, progress_bar
+from grpo_core.rollout.base import SamplingParams
 
 
 def _greedy_params(cfg, n: int = 1, temperature: float = 0.0, seed: int = 0):
-    from grpo_core.rollout.base import SamplingParams
-
     return SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.rollout.max_new_tokens,
                           stop_strings=list(cfg.rollout.stop_strings), seed=seed)
 
@@ -97,8 +97,6 @@ def split_eas(entropies_nats: torch.Tensor, lengths: list[int]) -> list[float]:
     entropies_nats: float [sum(lengths)], response after response; lengths: tokens per response (0 allowed,
     giving EAS 0). Returns one float per response.
     """
-    from grpo_core.metrics import entropy_area_score
-
     if entropies_nats.dim() != 1 or entropies_nats.numel() != sum(lengths):
         raise ValueError(f"entropies {tuple(entropies_nats.shape)} do not hold sum(lengths)={sum(lengths)} tokens")
     if any(n < 0 for n in lengths):
@@ -154,8 +152,6 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
     "greedy_accuracy", "response_len/mean", "response_len/truncated_frac", "eas/mean_bits", "eas/corr_with_correct"}
     (the correlation is Pearson's over all responses, None when undefined). Every k must be <= n.
     """
-    from grpo_core.metrics import avg_at_k, maj_at_k, pass_at_k
-
     out: dict = {"prompts": len(records)}
     if not records:
         return out

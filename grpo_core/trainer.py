@@ -16,6 +16,7 @@ not depend on the number of ranks or on micro-batching.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -29,12 +30,25 @@ import torch.nn as nn
 from kernels import backend_summary
 
 from grpo_core import distributed as gdist
-from grpo_core.advantages import aggregation_notice
+from grpo_core.advantages import DynamicSamplingBuffer, aggregation_notice, compute_advantages, edas_shape
+from grpo_core.anchor import find_anchor
+from grpo_core.checkpoint import load_rng, load_trainer_state, save_checkpoint, select_checkpoint
 from grpo_core.config import Config, config_diff, deepspeed_config
+from grpo_core.data.sampler import PromptSampler
+from grpo_core.errors import CheckpointError, NonFiniteError
+from grpo_core.evaluate import evaluate_accuracy
 from grpo_core.experience import Group, Response
 from grpo_core.losses import LossNormalizer, PolicyObjective, backward_scale
 from grpo_core.metrics import UpdateMetrics, rollout_metrics
+from grpo_core.model import CausalLM
 from grpo_core.packing import MicroBatch, build_micro_batch, padding_micro_batch, plan_micro_batches
+from grpo_core.preempt import STOP
+from grpo_core.rollout.base import SamplingParams
+from grpo_core.rollout.factory import build_rollout_engine
+from grpo_core.run_setup import prepare_run
+from grpo_core.runinfo import announce_deepspeed_build, print_header, provenance, quiet_known_warnings
+from grpo_core.tracking import MetricsLogger, plot_curves
+from grpo_core.weight_sync import sync_engine_weights
 
 
 class PolicyForward(nn.Module):
@@ -76,10 +90,6 @@ def lr_at(cfg: Config, opt_step: int) -> float:
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str = "none", force: bool = False):
-        from grpo_core.run_setup import prepare_run
-
-        from grpo_core.runinfo import announce_deepspeed_build, print_header, provenance, quiet_known_warnings
-
         self.cfg = cfg
         self.t0 = time.time()
         quiet_known_warnings()
@@ -100,15 +110,10 @@ class Trainer:
         self.step = 0
         self.opt_steps = 0
         self._build_engines()
-        from grpo_core.advantages import DynamicSamplingBuffer
-        from grpo_core.data.sampler import PromptSampler
-
         self.sampler = PromptSampler(len(self.run.train_set), cfg.trainer.train_batch_prompts, seed=cfg.trainer.seed)
         self.dyn = DynamicSamplingBuffer(cfg.trainer.train_batch_prompts, cfg.algorithm.max_gen_batches)
         self.eval_before: Optional[float] = None
         self._maybe_resume(force)
-        from grpo_core.tracking import MetricsLogger
-
         self.log = MetricsLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
                                  progress_bar=cfg.logging.progress_bar, total_steps=cfg.trainer.max_steps,
                                  initial_step=self.step)
@@ -121,10 +126,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ set-up
     def _build_engines(self) -> None:
-        import deepspeed
-
-        from grpo_core.model import CausalLM
-        from grpo_core.rollout.factory import build_rollout_engine
+        import deepspeed  # lazy: a multi-second import, paid only when a Trainer is built
 
         cfg = self.cfg
         use_cuda = self.device.type == "cuda"
@@ -152,7 +154,7 @@ class Trainer:
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         """The full policy weights under HF names (collective under ZeRO-3: every rank must call it)."""
-        import deepspeed
+        import deepspeed  # lazy: see _build_engines
 
         params = list(self.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -162,8 +164,6 @@ class Trainer:
     def sync_rollout_weights(self) -> float:
         """Stream the policy into the rollout engine bucket by bucket (one ZeRO-3 submodule gathered at a time;
         collective: every rank). Wakes a sleeping vLLM engine. Returns seconds."""
-        from grpo_core.weight_sync import sync_engine_weights
-
         return sync_engine_weights(self.rollout_engine, self.module, prefix_to_strip="policy.").seconds
 
     # ------------------------------------------------------------------------------------------ rollout
@@ -193,9 +193,6 @@ class Trainer:
         return kept, metrics
 
     def _generate_groups(self, prompt_indices: list[int], step: int, round_index: int) -> list[Group]:
-        from grpo_core.anchor import find_anchor
-        from grpo_core.rollout.base import SamplingParams
-
         cfg = self.cfg
         rank, world = self.dist.rank, self.dist.world_size
         positions = list(range(rank, len(prompt_indices), world))  # this rank's share of the round's prompts
@@ -228,8 +225,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ advantages
     def assign_advantages(self, groups: list[Group]) -> None:
-        from grpo_core.advantages import compute_advantages, edas_shape
-
         a = self.cfg.algorithm
         samples = [s for g in groups for s in g.samples]
         if not samples:
@@ -328,8 +323,6 @@ class Trainer:
         """One optimizer step, unless the loss (on any rank) or a gradient is non-finite: then the gradients are
         dropped and weights, optimizer state and the optimizer-step counter stay as they were (the same on every
         rank). trainer.max_consecutive_skips skips in a row stop the run (NonFiniteError)."""
-        from grpo_core.errors import NonFiniteError
-
         finite = loss_finite and self._grads_finite()
         if finite:
             self.engine.step()
@@ -395,8 +388,6 @@ class Trainer:
     def evaluate(self) -> dict:
         """Held-out accuracy, greedy (`accuracy`, what the summary reports) and sampled at the rollout
         temperature (`accuracy_sampled`)."""
-        from grpo_core.evaluate import evaluate_accuracy
-
         self.sync_rollout_weights()
         args = (self.rollout_engine, self.run.eval_set, self.run.verifier, self.cfg, self.dist)
         res = evaluate_accuracy(*args)
@@ -406,8 +397,6 @@ class Trainer:
         return res
 
     def fit(self) -> dict:
-        from grpo_core.preempt import STOP
-
         cfg = self.cfg
         if self.step == 0 and self.run.eval_set is not None and not self._stop_requested():
             res = self.evaluate()
@@ -438,8 +427,6 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """Whether any rank got SIGTERM / SIGUSR1 / SIGINT (collective: all ranks stop after the same step)."""
-        from grpo_core.preempt import STOP
-
         if gdist.all_reduce_max_int(int(STOP.requested), self.device):
             self._stopped_by = STOP.signal_name or "a signal on another rank"
             return True
@@ -464,11 +451,7 @@ class Trainer:
             summary["stopped_by"] = stopped_by
         summary["provenance"] = self.provenance
         if self.dist.is_main:
-            import json
-
             if self.cfg.logging.plot and stopped_by is None:
-                from grpo_core.tracking import plot_curves
-
                 plot_curves(self.out / "metrics.jsonl", self.out / "curves.png", title="grpo-core")
             tmp = self.out / ".summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
@@ -485,8 +468,6 @@ class Trainer:
                 "world_size": self.dist.world_size, "config": self.cfg.to_dict(), "run_id": self.run_id}
 
     def save(self) -> None:
-        from grpo_core.checkpoint import save_checkpoint
-
         state = self.trainer_state()
         save_checkpoint(self.out, self.step, engine=self.engine, trainer_state=state, rank=self.dist.rank,
                         export_hf=self._export_hf if self.cfg.checkpoint.export_hf else None,
@@ -501,8 +482,6 @@ class Trainer:
 
     def _select_checkpoint(self, resume: str) -> Optional[Path]:
         """Rank 0 picks (and verifies) the checkpoint to resume; every rank gets its choice."""
-        from grpo_core.checkpoint import select_checkpoint
-
         self._stopped_by: Optional[str] = None
         choice: tuple = (None, None)
         if self.dist.is_main:
@@ -517,9 +496,6 @@ class Trainer:
         return Path(path) if path is not None else None
 
     def _maybe_resume(self, force: bool) -> None:
-        from grpo_core.checkpoint import load_rng, load_trainer_state
-        from grpo_core.errors import CheckpointError
-
         ckpt = self._resume_from
         if ckpt is None:
             return
