@@ -2,7 +2,6 @@
 system prompt and chat-template options, and a 2-step training run on a question/final_answer JSONL."""
 import json
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

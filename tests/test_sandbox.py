@@ -1,6 +1,5 @@
 """grpo_core.sandbox and rewards.code_reward: hostile programs stay bounded in time and harmless."""
 import os
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
