@@ -77,6 +77,9 @@ def make_synthetic(
     # Small problem spaces (arith level 1 has 100 prompts) can run out of fresh prompts: bound the search.
     max_attempts = 50 * n + 1000
     attempts = 0
+    from grpo_core.progress import progress_bar
+
+    bar = progress_bar(n, f"synthetic {kind}", unit="row", delay=2.0)  # draws only if this takes > 2 s
     while len(rows) < n:
         attempts += 1
         if attempts > max_attempts:
@@ -90,6 +93,8 @@ def make_synthetic(
             continue
         seen.add(prompt)
         rows.append(row)
+        bar.update(1)
+    bar.close()
     return rows
 
 
