@@ -52,6 +52,23 @@ class PolicyForward(nn.Module):
         return (*out, hidden[mb.anchor_positions])
 
 
+class ClippedAdamW(torch.optim.AdamW):
+    """torch AdamW that clips the global gradient norm first (max_norm 0 = no clipping) and keeps it in
+    `_global_grad_norm`, where the DeepSpeed engine reads it (get_global_grad_norm)."""
+
+    def __init__(self, params, max_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self._global_grad_norm = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm if self.max_norm > 0
+                                                                else float("inf"))
+        return super().step(closure)
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -130,16 +147,32 @@ class Trainer:
         policy = self.run.policy  # plain module, warm-started when configured
         policy.set_activation_checkpointing(cfg.model.activation_checkpointing)
         self.module = PolicyForward(policy, cfg.model.kernel_backend)
-        ds_cfg = deepspeed_config(cfg, world_size=self.dist.world_size, use_cuda=use_cuda)
-        self.engine, _, _, _ = deepspeed.initialize(model=self.module, config=ds_cfg,
-                                                    model_parameters=[p for p in self.module.parameters()])
+        # ZeRO stage 0/1/2/3 (deepspeed.zero_stage; 0 on one rank unless asked otherwise: nothing to partition),
+        # bucket and persistence sizes scaled to the model's hidden size unless set.
+        ds_cfg = deepspeed_config(cfg, world_size=self.dist.world_size, use_cuda=use_cuda,
+                                  hidden_size=policy.args.hidden_size)
+        self.zero_stage = ds_cfg["zero_optimization"]["stage"]
+        params = [p for p in self.module.parameters()]
+        optimizer = None
+        if self.zero_stage == 0 and self.dtype == torch.float32:
+            # DeepSpeed's fp32 stage-0 path clips without keeping the norm: clip in the optimizer, which does.
+            t = cfg.trainer
+            optimizer = ClippedAdamW(params, max_norm=t.grad_clip, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                     weight_decay=t.weight_decay)
+            ds_cfg = {k: v for k, v in ds_cfg.items() if k != "optimizer"}
+            ds_cfg["gradient_clipping"] = 0.0
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, config=ds_cfg, model_parameters=params,
+                                                    optimizer=optimizer)
         self.ref_engine = None
-        if cfg.algorithm.kl_coef > 0:  # frozen reference: partitioned by ZeRO-3, no optimizer state
+        if cfg.algorithm.kl_coef > 0:  # frozen reference, no optimizer state
             ref = PolicyForward(CausalLM.from_pretrained(self.run.reference_dir, dtype=torch.float32),
                                 cfg.model.kernel_backend)
             ref.requires_grad_(False)
-            ref_cfg = {k: v for k, v in ds_cfg.items() if k not in ("optimizer", "gradient_clipping")}
-            self.ref_engine, *_ = deepspeed.initialize(model=ref, config=ref_cfg)
+            if self.zero_stage == 3:  # partitioned like the policy
+                ref_cfg = {k: v for k, v in ds_cfg.items() if k not in ("optimizer", "gradient_clipping")}
+                self.ref_engine, *_ = deepspeed.initialize(model=ref, config=ref_cfg)
+            else:  # stages 0-2 keep whole weights on every rank anyway: a plain module, no engine around it
+                self.ref_engine = ref.to(device=self.device, dtype=self.dtype)
             self.ref_engine.eval()
         if r.engine == "torch":
             # The torch engine owns a plain (unpartitioned) inference copy, refreshed once per rollout phase.
