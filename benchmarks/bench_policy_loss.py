@@ -1,14 +1,14 @@
 """Benchmark the fused clipped policy loss (+ NSR) and Hidden-Align against plain PyTorch and torch.compile.
 
 Forward, backward (forward untimed) and both; median time, peak extra memory and effective bandwidth.
-  policy_loss   token-level clipped-ratio loss over N fp32 tokens (spec section 3), NSR off and `scaled`
+  policy_loss   token-level clipped-ratio loss over N fp32 tokens (docs/algorithms.md §3), NSR off and `scaled`
     ours        kernels.clipped_policy_loss, backend="triton": one fused sweep writes the loss and
                 d loss / d logprob; backward only multiplies by the upstream gradient
     ours_torch  the same function with backend="torch" (plain-torch ops, Philox in torch)
     torch       kernels.reference.clipped_policy_loss_ref, autograd through the formulas; NSR's uniforms
                 come from philox_uniform outside the timing, so this peer does not pay for the RNG
     compile     torch.compile of that reference (a fresh dynamo cache per shape)
-  hidden_align  Hidden-Align loss over [M, D] bf16 anchor states in M/8 groups (spec section 4)
+  hidden_align  Hidden-Align loss over [M, D] bf16 anchor states in M/8 groups (docs/algorithms.md §4)
     ours, ours_torch  kernels.hidden_align_loss with backend "triton" / "torch"
     torch       kernels.reference.hidden_align_loss_ref(h.float(), ...): explicit pairwise cosines,
                 a Python loop over groups. `compile` is not run for it: the loop iterates over

@@ -1,4 +1,4 @@
-"""Advantage estimators, EDAS shaping, DAPO dynamic sampling and FIPO token weights (spec sections 1 and 5).
+"""Advantage estimators, EDAS shaping, DAPO dynamic sampling and FIPO token weights (docs/algorithms.md §1 and §5).
 
 Every function takes a flat batch of responses with a ``group_ids`` tensor naming each response's prompt
 group. Ids may be contiguous (0, 0, 1, 1, ...) or arbitrary (e.g. dataset indices, in any order); groups
@@ -50,12 +50,13 @@ def compute_advantages(
     group_ids: Tensor,
     estimator: str = "grpo",
     eps: float = 1e-6,
-    std_unbiased: bool = False,
+    std_unbiased: bool = True,
 ) -> Tensor:
-    """Per-response advantages from scalar rewards, normalised within each prompt group (spec 1).
+    """Per-response advantages from scalar rewards, normalised within each prompt group (docs/algorithms.md §1).
 
     - ``"grpo"`` (Shao et al. 2024, DeepSeekMath): A_i = (R_i - mean(R)) / (std(R) + eps).
-      **[choice]** ``std_unbiased=False``: the population std (divide by G); ``True`` divides by G - 1.
+      **[choice]** ``std_unbiased=True`` (default, as verl and TRL): the sample std, dividing by G - 1;
+      ``False``: the population std (divide by G). The two differ by sqrt(G / (G - 1)).
     - ``"drgrpo"`` (Liu et al. 2025, "Understanding R1-Zero-Like Training"): A_i = R_i - mean(R).
     - ``"rloo"`` (Ahmadian et al. 2024, REINFORCE leave-one-out): A_i = R_i - mean_{j != i} R_j
       = G / (G - 1) * (R_i - mean(R)); a group of one response gets 0.
@@ -99,6 +100,21 @@ def compute_advantages(
     return adv.to(rewards.dtype)
 
 
+# Aggregation each estimator's paper pairs it with (docs/algorithms.md §1 and 3): Dr. GRPO's unbiasedness argument
+# needs the constant normaliser as well as the std-free advantage.
+PAPER_AGGREGATION = {"drgrpo": "seq-sum-constant"}
+
+
+def aggregation_notice(estimator: str, loss_agg: str) -> str | None:
+    """One line to print when the advantage estimator runs with an aggregation its paper does not use
+    (e.g. ``advantage=drgrpo`` with ``token-mean``), so the pairing is a visible choice; None when paired."""
+    paired = PAPER_AGGREGATION.get(estimator)
+    if paired is None or paired == loss_agg:
+        return None
+    return (f"note: algorithm.advantage={estimator} runs with algorithm.loss_agg={loss_agg}; the paper pairs it "
+            f"with loss_agg={paired} (set it for the paper's objective)")
+
+
 _NO_ANSWER = object()  # the "none" class; a sentinel so that a real answer string "none" never collides
 
 
@@ -111,13 +127,13 @@ def edas_shape(
     beta: float = 0.2,
     kappa: float = 2.0,
 ) -> Tensor:
-    """Error-diversity advantage shaping (EDAS, spec 1), applied after the estimator, to incorrect rollouts.
+    """Error-diversity advantage shaping (EDAS, docs/algorithms.md §1), applied after the estimator, to incorrect rollouts.
 
     Per group, W = incorrect rollouts (N_w = |W|), partitioned into K classes C_k by canonical wrong answer;
     every response whose key is ``None`` (no extractable answer) falls in one shared class "none".
     p_k = |C_k| / N_w, I_i = -ln p_k(i), H = -sum_k p_k ln p_k, S = mean_{i in W} |A_i|.
     D_i = 0 if N_w <= 1; D_i = -beta * S if K = 1; D_i = alpha * S * (I_i - H) / ln(N_w) if K > 1.
-    Update, taken literally from the spec: A_i <- A_i + sign(D_i) * min(|D_i|, |A_i| / kappa).
+    Update, taken literally from docs/algorithms.md: A_i <- A_i + sign(D_i) * min(|D_i|, |A_i| / kappa).
 
     The direction of the step is sign(D_i) alone (a rare wrong answer, I_i > H, moves A_i up; a common one
     or a single shared wrong answer moves it down), whatever the sign of A_i. Sign preservation comes from
@@ -196,7 +212,7 @@ def edas_shape(
 
 
 def informative_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
-    """Bool [num_groups]: the group's rewards are not all equal (DAPO dynamic sampling keeps these, spec 1).
+    """Bool [num_groups]: the group's rewards are not all equal (DAPO dynamic sampling keeps these, docs/algorithms.md §1).
 
     Entry g refers to ``torch.unique(group_ids)[g]`` (groups in sorted id order).
     """
@@ -224,7 +240,7 @@ class DynamicSamplingStats:
 
 
 class DynamicSamplingBuffer:
-    """DAPO dynamic sampling (Yu et al. 2025, spec 1): gather informative groups across generation rounds.
+    """DAPO dynamic sampling (Yu et al. 2025, docs/algorithms.md §1): gather informative groups across generation rounds.
 
     Usage per optimizer step::
 
@@ -409,14 +425,14 @@ def fipo_weights(
     neg_clamp: tuple[float, float] = (0.8, 1.0),
 ) -> Tensor:
     """FIPO future-KL token weights f_t (Ma et al. 2026, "FIPO: Eliciting Deep Reasoning with Future-KL
-    Influenced Policy Optimization"; spec 5). The shaped advantage is A~_{i,t} = A_i * f_t.
+    Influenced Policy Optimization"; docs/algorithms.md §5). The shaped advantage is A~_{i,t} = A_i * f_t.
 
     D_t = clamp(logp_t - old_logp_t, -20, 20); m_t = 0 where D_t > ln c (else 1);
     F_t = sum_{k >= t} gamma^(k - t) M_k m_k D_k within the sequence, gamma = 2^(-1/tau);
     f_t = clip(exp F_t, 1 - eps_f, 1 + eps_f), or clip to [1, 1 + eps_f] with ``high_only``;
     where A < 0 and r_t = exp(logp_t - old_logp_t) > ``neg_ratio_threshold`` (4): f_t clamped to
     ``neg_clamp`` ([0.8, 1.0]).
-    **[choice]** c = 10.0 (the spec leaves it open; 10 matches the FIPO authors' 32B recipe, where the same
+    **[choice]** c = 10.0 (docs/algorithms.md leaves it open; 10 matches the FIPO authors' 32B recipe, where the same
     constant is the dual-clip bound; it must exceed 1 + eps_high).
 
     Args:

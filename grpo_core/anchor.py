@@ -1,4 +1,4 @@
-"""Anchor positions for Hidden-Align (spec section 4).
+"""Anchor positions for Hidden-Align (docs/algorithms.md §4).
 
 The anchor of a response is the position immediately before the first token of the *last* occurrence of
 the answer marker (default ``\\boxed{``) in the decoded response: the hidden state there is the one that
@@ -15,15 +15,9 @@ occurrence of that token id is checked with a single suffix decode.
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import List, Optional, Protocol, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 _REPLACEMENT = "\ufffd"  # what a decoder emits for an incomplete UTF-8 sequence
-
-
-class _Tokenizer(Protocol):
-    def decode(self, ids, skip_special_tokens: bool = ...) -> str: ...
-
-    def encode(self, text: str) -> list[int]: ...
 
 
 def _decode(tokenizer, ids: Sequence[int]) -> str:

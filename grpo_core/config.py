@@ -7,6 +7,7 @@ values raise one `ConfigError` naming the dotted key. The DeepSpeed JSON is gene
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -89,8 +90,9 @@ class RolloutConfig:
     def validate(self, p: str) -> None:
         if self.group_size < 1:
             _fail(f"{p}.group_size", "must be >= 1")
-        if self.temperature < 0:
-            _fail(f"{p}.temperature", "must be >= 0")
+        if self.temperature <= 0:
+            _fail(f"{p}.temperature", "must be > 0 (the trainer's logprobs divide by it; for greedy held-out "
+                  "evaluation set trainer.eval_greedy: true)")
         if not 0 < self.top_p <= 1:
             _fail(f"{p}.top_p", "must be in (0, 1]")
         if self.top_k < 0:
@@ -109,7 +111,7 @@ class RewardConfig:
     incorrect: float = 0.0  # reward otherwise (e.g. -1.0)
     format_reward: float = 0.0  # added when the response states its answer as \boxed{} or "the answer is" (0 = off)
     bare_answer_max_chars: int = 80  # a response this short with no boxed/phrase answer is itself the answer (0 = off)
-    overlong_shaping: bool = False  # DAPO soft overlong punishment (spec 2)
+    overlong_shaping: bool = False  # DAPO soft overlong punishment (docs/algorithms.md §2)
     overlong_cache_len: int = 64  # L_cache in tokens; L_max is rollout.max_new_tokens
     verifier_workers: int = 0  # verifier worker processes (0 = in-process, size-bounded)
     verifier_timeout_s: float = 2.0  # wall-clock bound per verified item in the worker pool
@@ -127,9 +129,10 @@ class RewardConfig:
 
 @dataclass
 class AlgorithmConfig:
-    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"  # advantage estimator (spec 1)
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"  # advantage estimator (docs/algorithms.md §1)
     adv_eps: float = 1e-6  # eps in GRPO's std normalisation
-    edas: bool = False  # error-diversity advantage shaping on incorrect rollouts (spec 1)
+    adv_std_unbiased: bool = True  # GRPO std divides by G - 1 (as verl/TRL); false: by G (docs/algorithms.md §1)
+    edas: bool = False  # error-diversity advantage shaping on incorrect rollouts (docs/algorithms.md §1)
     edas_alpha: float = 0.4  # EDAS alpha
     edas_beta: float = 0.2  # EDAS beta (single wrong-answer class)
     edas_kappa: float = 2.0  # EDAS kappa (cap on the shift relative to |A|)
@@ -139,16 +142,16 @@ class AlgorithmConfig:
     eps_low: float = 0.2  # lower clip: r >= 1 - eps_low (GSPO default 3e-4 set by the recipe)
     eps_high: float = 0.28  # upper clip (DAPO clip-higher): r <= 1 + eps_high
     dual_clip: Optional[float] = None  # dual-clip constant c for A < 0 (e.g. 3.0), None = off
-    nsr: Literal["off", "scaled", "band"] = "scaled"  # near-boundary stochastic rescue rule (spec 3)
+    nsr: Literal["off", "scaled", "band"] = "scaled"  # near-boundary stochastic rescue rule (docs/algorithms.md §3)
     nsr_prob: float = 0.5  # band rule: rescue probability
     nsr_band: float = 0.1  # band rule: band width beyond the clip edge
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-sum-constant"] = "token-mean"  # aggregation
     entropy_coef: float = 0.0  # entropy bonus coefficient
     kl_coef: float = 0.0  # KL-to-reference coefficient (0 = no reference model at all)
     kl_type: Literal["k1", "k3"] = "k3"  # KL estimator
-    hidden_align_coef: float = 0.0  # Hidden-Align lambda (spec 4), 0 = off
+    hidden_align_coef: float = 0.0  # Hidden-Align lambda (docs/algorithms.md §4), 0 = off
     hidden_align_marker: str = "\\boxed{"  # the anchor is the token just before the last marker
-    fipo: bool = False  # future-KL influenced advantage weights (spec 5)
+    fipo: bool = False  # future-KL influenced advantage weights (docs/algorithms.md §5)
     fipo_tau: float = 32.0  # FIPO half-life in tokens
     fipo_eps: float = 0.2  # FIPO clip range
     fipo_high_only: bool = False  # FIPO clip to [1, 1 + eps] only
@@ -188,8 +191,8 @@ class WarmStartConfig:
     def validate(self, p: str) -> None:
         if self.steps < 0:
             _fail(f"{p}.steps", "must be >= 0")
-        if self.lr <= 0:
-            _fail(f"{p}.lr", "must be > 0")
+        if not 0 < self.lr <= 1:
+            _fail(f"{p}.lr", f"must be in (0, 1], got {self.lr:g} (Adam learning rates are typically 1e-4 to 1e-2 here)")
         if self.batch_size < 1:
             _fail(f"{p}.batch_size", "must be >= 1")
 
@@ -215,19 +218,25 @@ class TrainerConfig:
     eval_every: int = 0  # evaluate on data.eval_files every N steps (0 = only before and after)
     eval_greedy: bool = True  # the headline held-out accuracy is greedy (else sampled); both are logged
     eval_max_prompts: int = 200  # cap on evaluated prompts
+    # Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error
+    # (the last good checkpoint is kept).
+    max_consecutive_skips: int = 5
 
     def validate(self, p: str) -> None:
-        for name in ("max_steps", "train_batch_prompts", "ppo_epochs", "mini_batches", "max_tokens_per_micro_batch"):
+        for name in ("max_steps", "train_batch_prompts", "ppo_epochs", "mini_batches", "max_tokens_per_micro_batch",
+                     "eval_max_prompts", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 _fail(f"{p}.{name}", "must be >= 1")
-        if self.lr <= 0:
-            _fail(f"{p}.lr", "must be > 0")
+        if not 0 < self.lr <= 1:
+            _fail(f"{p}.lr", f"must be in (0, 1], got {self.lr:g} (RL learning rates are typically 1e-7 to 1e-4; "
+                  "a larger one makes the weights non-finite within a few steps)")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             _fail(f"{p}.adam_betas", "must be two numbers in [0, 1)")
         if self.adam_eps <= 0:
             _fail(f"{p}.adam_eps", "must be > 0")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0:
-            _fail(f"{p}.warmup_steps", "warmup_steps, eval_every and grad_clip must be >= 0")
+        for name in ("warmup_steps", "eval_every", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                _fail(f"{p}.{name}", "must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             _fail(f"{p}.min_lr_ratio", "must be in [0, 1]")
         if not self.output_dir:
@@ -322,6 +331,87 @@ class Config:
 
 # ----------------------------------------------------------------------------------------------- loading
 
+def all_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config tree (sections and leaves), e.g. 'trainer', 'trainer.max_steps'."""
+    cls = Config if cls is None else cls
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        out.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(all_keys(hints[f.name], key))
+    return out
+
+
+def suggest_key(key: str) -> str:
+    """'did you mean ...?' for an unknown dotted key: the nearest key of the same section, the same field name
+    in another section, or the nearest key anywhere; else the section's known keys."""
+    known = all_keys()
+    parent, _, leaf = key.rpartition(".")
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+
+    def best(cands: list[str]) -> tuple[float, str]:
+        scored = [(difflib.SequenceMatcher(None, leaf, k.rpartition(".")[2]).ratio(), k) for k in cands]
+        return max(scored, default=(0.0, ""))
+
+    near_score, near = best(siblings)
+    far_score, far = best([k for k in known if "." in k and k.rpartition(".")[0] != parent])
+    match = []
+    if near_score >= 0.6 and near_score >= far_score:
+        match = [near]
+    elif far_score >= 0.75:  # the right name in the wrong section (trainer.keep_last -> checkpoint.keep_last)
+        match = [far]
+    elif near_score >= 0.6:
+        match = [near]
+    if match:
+        return f"did you mean {match[0]}?"
+    return f"known keys here: {', '.join(k.rpartition('.')[2] for k in siblings)}"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key repeated in one mapping (plain YAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base constructor reports it
+                continue
+            if first is not None:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key '{key}' (first set on line "
+                                  f"{first}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A recipe file as a dict: must exist, be valid YAML, non-empty, a mapping, with no repeated key."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist" if not p.exists() else f"config file '{p}' is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{p}' cannot be read: {e}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as e:
+        raise ConfigError(f"config file '{p}' {e}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" line {where.line + 1}" if where is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file '{p}'{at} is not valid YAML: {what}") from None
+    if data is None:
+        raise ConfigError(f"config file '{p}' is empty (no keys): start from a recipe such as configs/demo_cpu.yaml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
 def _check_type(key: str, value: Any, tp: Any) -> Any:
     """Check (and lightly coerce: int -> float, tuple -> list) `value` against annotation `tp`."""
     if isinstance(value, _Override):
@@ -389,7 +479,7 @@ def _build(cls: type, data: dict, prefix: str):
     for k in data:
         if k not in names:
             key = f"{prefix}.{k}" if prefix else str(k)
-            _fail(key, f"unknown key (known: {', '.join(sorted(names))})")
+            _fail(key, f"unknown key; {suggest_key(key)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -445,22 +535,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     """Load a YAML recipe (or the defaults when path is None), apply overrides, validate."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+        data = load_yaml(path)
     data = apply_overrides(data, list(overrides or []))
     cfg = _build(Config, data, "")
     return cfg.validate()
-
-
-def config_from_dict(data: dict) -> Config:
-    return _build(Config, data, "").validate()
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -62,32 +62,64 @@ def check_launch_env(env: dict | None = None) -> tuple[int, int, int]:
     return rank, world, local_rank
 
 
-# A torch-extension build (DeepSpeed's JIT ops, e.g. its CPU shm comm op) takes a few minutes at most.
+# A torch-extension build (DeepSpeed's JIT ops) takes a few minutes at most.
 STALE_BUILD_LOCK_S = 20 * 60
+# How long a run waits on a young build lock (another process building the op right now) before it gives up.
+BUILD_LOCK_WAIT_S = 10 * 60
+# DeepSpeed's CPU shared-memory all-reduce op: built at deepspeed.init_distributed on the CPU accelerator, used
+# only by inference_all_reduce (DeepSpeed-Inference tensor parallelism), never by ZeRO training.
+SHM_COMM_OP = "deepspeed_shm_comm"
 
 
-def check_extension_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> None:
-    """Fail fast on a build lock left by a killed torch-extension build.
+def skip_shm_comm_build() -> bool:
+    """Keep DeepSpeed from JIT-compiling its `shm_comm` C++ op on the CPU accelerator (minutes on a fresh
+    machine, a C++ compiler needed, and a build lock that hangs every later run if the build is killed).
+    ZeRO-3 over gloo never calls it: DeepSpeed falls back to torch.distributed when the op is absent, as it
+    does on any machine where the op is not compatible. Returns True when the build is skipped."""
+    import importlib
+
+    try:  # not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports torch itself under that name
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:
+        return False
+    if not callable(getattr(ds_torch_comm, "build_shm_op", None)):
+        return False
+    ds_torch_comm.build_shm_op = lambda: None
+    return True
+
+
+def check_extension_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, wait_s: float = BUILD_LOCK_WAIT_S,
+                                ignore: tuple[str, ...] = (), poll_s: float = 2.0) -> None:
+    """Never wait unbounded on a torch-extension build lock.
 
     torch.utils.cpp_extension builds each JIT op under a `lock` file and every later build waits, with no
-    timeout, for that file to go away; a process killed mid-build (Ctrl-C during DeepSpeed's first
-    start-up on a machine) leaves it behind and each later run hangs silently. A lock younger than
-    max_age_s may be a build in progress (another rank's): only a notice is printed.
+    timeout, for that file to go away; a process killed mid-build leaves it behind and each later run would
+    hang silently. A lock older than max_age_s is reported at once; a younger one (maybe another rank building
+    right now) is waited on for at most wait_s, then reported. Locks of ops named in `ignore` (ops this run
+    does not build) are left alone.
     """
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or torch.utils.cpp_extension.get_default_build_root())
+    deadline = time.monotonic() + wait_s
     for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:  # the build finished meanwhile
+        if lock.parent.name in ignore:
             continue
-        if age > max_age_s:
-            raise LaunchError(
-                f"stale torch-extension build lock {lock} ({age / 60:.0f} min old): a build of "
-                f"'{lock.parent.name}' was killed part-way and every later run would wait on this file forever; "
-                f"delete it (rm {lock}) and start again"
-            )
-        print(f"[grpo] note: {lock} exists ({age:.0f} s old): waiting for a build of '{lock.parent.name}' "
-              "in another process", file=sys.stderr)
+        noted = False
+        while True:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:  # the build finished meanwhile
+                break
+            if age > max_age_s or time.monotonic() > deadline:
+                raise LaunchError(
+                    f"torch-extension build lock {lock} is {age / 60:.0f} min old: a build of '{lock.parent.name}' "
+                    f"was killed part-way (or is stuck) and torch would wait on this file forever; if no other "
+                    f"process is building it, delete it (rm {lock}) and start again"
+                )
+            if not noted:
+                print(f"[grpo] note: {lock} exists ({age:.0f} s old): waiting up to {wait_s:.0f} s for a build of "
+                      f"'{lock.parent.name}' in another process", file=sys.stderr, flush=True)
+                noted = True
+            time.sleep(poll_s)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -111,7 +143,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
                            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
     if not dist.is_initialized():
-        check_extension_build_locks()
+        skipped = skip_shm_comm_build()
+        check_extension_build_locks(ignore=(SHM_COMM_OP,) if skipped else ())
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
@@ -119,12 +152,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if info.world_size != world:
         raise LaunchError(f"process group has {info.world_size} ranks but WORLD_SIZE={world}")
     return info
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def all_reduce_max_int(value: int, device: torch.device) -> int:
@@ -142,14 +169,6 @@ def all_gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj, src: int = 0):
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def barrier() -> None:

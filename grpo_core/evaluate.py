@@ -1,6 +1,6 @@
 """Evaluation: held-out accuracy during training, and `grpo eval CHECKPOINT DATA` (pass@k, avg@k, maj@k,
-greedy accuracy, response length, truncation rate, Entropy Area Score and its correlation with correctness),
-reported per data source and overall (spec section 6)."""
+greedy accuracy, response length, truncated fraction, Entropy Area Score and its correlation with correctness),
+reported per data source and overall (docs/algorithms.md §6)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from grpo_core import distributed as gdist
+from grpo_core.packing import pack_sequences, plan_sequences
 
 
 def _greedy_params(cfg, n: int = 1, temperature: float = 0.0, seed: int = 0):
@@ -88,7 +89,7 @@ def entropy_temperature(temperature: float) -> float:
 
 
 def split_eas(entropies_nats: torch.Tensor, lengths: list[int]) -> list[float]:
-    """EAS in bits (spec 6) of consecutive responses whose token entropies are concatenated.
+    """EAS in bits (docs/algorithms.md §6) of consecutive responses whose token entropies are concatenated.
 
     entropies_nats: float [sum(lengths)], response after response; lengths: tokens per response (0 allowed,
     giving EAS 0). Returns one float per response.
@@ -111,23 +112,6 @@ def split_eas(entropies_nats: torch.Tensor, lengths: list[int]) -> list[float]:
     return out
 
 
-def _pack_plans(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Greedy packing of sequence indices, in order, into streams of at most max_tokens tokens (a longer
-    sequence gets a stream of its own)."""
-    plans: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if current and used + n > max_tokens:
-            plans.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    if current:
-        plans.append(current)
-    return plans
-
-
 @torch.inference_mode()
 def response_entropy_area_scores(model, prompts: list[list[int]], responses: list[list[int]], temperature: float,
                                  max_tokens_per_forward: int = 8192) -> list[float]:
@@ -145,25 +129,14 @@ def response_entropy_area_scores(model, prompts: list[list[int]], responses: lis
     temp = entropy_temperature(temperature)
     device = next(model.parameters()).device
     eas = [0.0] * len(prompts)
-    for plan in _pack_plans([len(p) + len(r) for p, r in zip(prompts, responses)], max_tokens_per_forward):
+    for plan in plan_sequences([len(p) + len(r) for p, r in zip(prompts, responses)], max_tokens_per_forward):
         plan = [i for i in plan if responses[i]]
         if not plan:
             continue
-        ids, pos, cu, resp_pos, targets = [], [], [0], [], []
-        for i in plan:
-            seq = list(prompts[i]) + list(responses[i])
-            start = cu[-1]
-            ids.extend(seq)
-            pos.extend(range(len(seq)))
-            cu.append(start + len(seq))
-            # the hidden state at position p - 1 + t predicts response token t
-            first = start + len(prompts[i]) - 1
-            resp_pos.extend(range(first, first + len(responses[i])))
-            targets.extend(responses[i])
-        hidden = model(torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
-                       cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device))[0]
-        _, ent = model.lm_head(hidden[torch.tensor(resp_pos, device=device)],
-                               targets=torch.tensor(targets, device=device), temperature=temp, with_entropy=True)
+        packed = pack_sequences([prompts[i] for i in plan], [responses[i] for i in plan], device=device)
+        hidden = model(packed.input_ids, position_ids=packed.position_ids, cu_seqlens=packed.cu_seqlens)[0]
+        _, ent = model.lm_head(hidden[packed.response_positions], targets=packed.targets, temperature=temp,
+                               with_entropy=True)
         for i, v in zip(plan, split_eas(ent.float().cpu(), [len(responses[i]) for i in plan])):
             eas[i] = v
     return eas
@@ -174,7 +147,7 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
     "greedy_correct": bool, "lengths": [int] * n, "truncated": [bool] * n, "eas": [float] * n}.
 
     Returns {"prompts", "samples_per_prompt", "pass@k", "avg@k", "maj@k" for every k in ks,
-    "greedy_accuracy", "response_len/mean", "truncation_rate", "eas/mean_bits", "eas/corr_with_correct"}
+    "greedy_accuracy", "response_len/mean", "response_len/truncated_frac", "eas/mean_bits", "eas/corr_with_correct"}
     (the correlation is Pearson's over all responses, None when undefined). Every k must be <= n.
     """
     from grpo_core.metrics import avg_at_k, maj_at_k, pass_at_k
@@ -199,7 +172,7 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
     out["greedy_accuracy"] = sum(bool(r["greedy_correct"]) for r in records) / len(records)
     lengths = [ln for r in records for ln in r["lengths"]]
     out["response_len/mean"] = sum(lengths) / len(lengths)
-    out["truncation_rate"] = sum(bool(t) for r in records for t in r["truncated"]) / len(lengths)
+    out["response_len/truncated_frac"] = sum(bool(t) for r in records for t in r["truncated"]) / len(lengths)
     eas = [float(e) for r in records for e in r["eas"]]
     flags = [float(bool(c)) for row in correct for c in row]
     out["eas/mean_bits"] = sum(eas) / len(eas)

@@ -1,4 +1,5 @@
-"""Loss aggregation, KL and entropy terms, truncated importance sampling (spec section 3).
+"""The policy objective: loss aggregation, KL and entropy terms, truncated importance sampling, Hidden-Align
+(docs/algorithms.md §3-5).
 
 The per-token policy loss itself (clip-higher PPO/DAPO, dual-clip, GSPO, NSR) comes from ``kernels``;
 this module turns per-token terms of one micro-batch into that micro-batch's share of the step loss.
@@ -25,6 +26,9 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from grpo_core.advantages import fipo_weights
+from kernels import clipped_policy_loss, gspo_policy_loss, hidden_align_loss
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-sum-constant")
 
@@ -63,7 +67,7 @@ def count_valid_seqs(mask: Tensor, seq_ids: Tensor) -> Tensor:
 
 @dataclass
 class LossNormalizer:
-    """Step-global counts dividing every aggregated loss (spec 3), identical on all ranks.
+    """Step-global counts dividing every aggregated loss (docs/algorithms.md §3), identical on all ranks.
 
     A sequence counts only if it has at least one valid token (an all-masked sequence adds nothing).
     """
@@ -132,7 +136,7 @@ def aggregate(
     mode: str,
     normalizer: LossNormalizer,
 ) -> Tensor:
-    """One micro-batch's share of the step-aggregated loss (0-dim), spec 3.
+    """One micro-batch's share of the step-aggregated loss (0-dim), docs/algorithms.md §3.
 
     - ``token-mean`` (DAPO, Yu et al. 2025): sum_t M l / global_tokens.
     - ``seq-mean-token-mean`` (GRPO, Shao et al. 2024; GSPO, Zheng et al. 2025):
@@ -148,31 +152,24 @@ def aggregate(
         seq_ids: long [N]; tokens of one sequence share an id; a sequence lies in one micro-batch.
     """
     _check_tokens(per_token_loss.numel(), per_token_loss=per_token_loss, mask=mask, seq_ids=seq_ids)
-    _check_mask(mask)
-    if mode not in AGG_MODES:
-        raise ValueError(f"aggregation mode must be one of {AGG_MODES}, got {mode!r}")
     # where(), not multiplication, so a non-finite value at a masked position cannot poison the sum.
     # bf16 cannot count lengths past 256 exactly nor sum many tokens well: work in at least float32.
     work = torch.promote_types(per_token_loss.dtype, torch.float32)
+    weights = aggregation_weights(mask, seq_ids, mode, normalizer, dtype=work)
     loss = per_token_loss.to(work)
-    masked = torch.where(mask, loss, torch.zeros_like(loss))
-    if mode == "token-mean":
-        return masked.sum() / max(normalizer.global_tokens, 1.0)
-    if mode == "seq-sum-constant":
-        return masked.sum() / (normalizer.gen_max_len * max(normalizer.global_seqs, 1.0))
-    lengths, index = _per_seq_sum(mask.to(work), seq_ids)
-    per_token_share = masked / lengths.clamp_min(1.0)[index]
-    return per_token_share.sum() / max(normalizer.global_seqs, 1.0)
+    return (torch.where(mask, loss, torch.zeros_like(loss)) * weights).sum()
 
 
-def aggregation_weights(mask: Tensor, seq_ids: Tensor, mode: str, normalizer: LossNormalizer) -> Tensor:
-    """Per-token weights w [N] (float32, 0 at masked tokens) with aggregate(l, ...) == sum_t w_t l_t for every
-    finite l: the aggregation as constants, for losses computed chunk by chunk (kernels.fused_token_loss)."""
+def aggregation_weights(mask: Tensor, seq_ids: Tensor, mode: str, normalizer: LossNormalizer,
+                        dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per-token weights w [N] (0 at masked tokens) with aggregate(l, ...) == sum_t w_t l_t (masked l dropped):
+    the aggregation as constants, so a loss computed chunk by chunk (kernels.fused_token_loss) aggregates
+    exactly as the whole micro-batch does. The one definition of the three modes (see :func:`aggregate`)."""
     _check_tokens(mask.numel(), mask=mask, seq_ids=seq_ids)
     _check_mask(mask)
     if mode not in AGG_MODES:
         raise ValueError(f"aggregation mode must be one of {AGG_MODES}, got {mode!r}")
-    ones = mask.to(torch.float32)
+    ones = mask.to(dtype)
     if mode == "token-mean":
         return ones / max(normalizer.global_tokens, 1.0)
     if mode == "seq-sum-constant":
@@ -182,7 +179,7 @@ def aggregation_weights(mask: Tensor, seq_ids: Tensor, mode: str, normalizer: Lo
 
 
 def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kind: str = "k3") -> Tensor:
-    """Per-token KL estimate to a frozen reference policy (spec 3; Schulman 2020, "Approximating KL").
+    """Per-token KL estimate to a frozen reference policy (docs/algorithms.md §3; Schulman 2020, "Approximating KL").
 
     - ``k1``: log(pi / pi_ref) = logprob - ref_logprob.
     - ``k3``: exp(ref - lp) - (ref - lp) - 1, clamped to [-10, 10]. The log-ratio is first clamped to
@@ -201,51 +198,156 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kind: str = "k3") -> Tensor
     raise ValueError(f"kl kind must be 'k1' or 'k3', got {kind!r}")
 
 
-def policy_objective(
-    policy_loss: Tensor,
-    mask: Tensor,
-    seq_ids: Tensor,
-    mode: str,
-    normalizer: LossNormalizer,
-    entropy: Tensor | None = None,
-    entropy_coef: float = 0.0,
-    kl: Tensor | None = None,
-    kl_coef: float = 0.0,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total loss of one micro-batch: agg(l) - entropy_coef * agg(H) + kl_coef * agg(kl) (spec 3).
+class PolicyObjective:
+    """The loss of one packed micro-batch (docs/algorithms.md §3-5), one definition for both LM-head paths.
 
-    All three terms use the same aggregation ``mode`` and step-global ``normalizer``, so every term and
-    metric is the micro-batch's share of the step value (sum them over micro-batches and ranks).
+        loss = sum_t w_t (l_t - entropy_coef * H_t + kl_coef * kl_t) + hidden_align_coef * share * L_align
 
-    Args:
-        policy_loss: float [N] per-token policy loss from kernels.clipped_policy_loss / gspo_policy_loss.
-        entropy: float [N] token entropy (nats, differentiable) or None; needed when entropy_coef != 0.
-        kl: float [N] per-token KL to the reference (see :func:`kl_penalty`) or None; needed when kl_coef != 0.
-    Returns:
-        (loss 0-dim with grad, metrics: detached 0-dim tensors "loss/policy", "loss/total" and, when given,
-        "loss/entropy_bonus", "actor/entropy", "loss/kl", "actor/kl_ref").
+    with w = :func:`aggregation_weights` (the aggregation mode as per-token constants over the step-global
+    normalizer), l the per-token clipped-ratio (or GSPO) loss with NSR from ``kernels``, optionally FIPO-shaped
+    advantages and TIS weights, H the token entropy and kl the k1/k3 estimate to the frozen reference.
+
+    Two ways to call it, same numbers:
+    - :meth:`__call__` with the micro-batch's logprob/entropy (the default, unfused LM head);
+    - :meth:`token_loss_fn`: the token-separable part as ``loss_fn(logprob, entropy, start, end)`` for
+      ``kernels.fused_token_loss`` (``model.fused_lm_head_loss``), which calls it chunk by chunk inside the
+      LM head's forward; then :meth:`finish` adds Hidden-Align and returns the metrics.
+    Metrics (one set of keys for both): detached 0-dim tensors, each the micro-batch's share of the step value
+    (``loss/*``) or a count (``count/*``), to be summed over micro-batches and ranks (grpo_core.metrics).
+
+    ``mb`` is a grpo_core.packing.MicroBatch (mask, seq_ids, advantages, old_logprob, rollout_logprob,
+    ref_logprob, token_index, seq_index, response_cu, anchor_groups); ``on_policy`` means the old policy is
+    the current one (old logprob = the detached current logprob: ratio 1 at the single pass).
     """
-    if entropy_coef != 0.0 and entropy is None:
-        raise ValueError("entropy_coef != 0 needs the per-token entropy tensor")
-    if kl_coef != 0.0 and kl is None:
-        raise ValueError("kl_coef != 0 needs the per-token kl tensor")
-    pg = aggregate(policy_loss, mask, seq_ids, mode, normalizer)
-    total = pg
-    metrics = {"loss/policy": pg.detach()}
-    if entropy is not None:
-        ent = aggregate(entropy, mask, seq_ids, mode, normalizer)
-        metrics["actor/entropy"] = ent.detach()
-        if entropy_coef != 0.0:
-            total = total - entropy_coef * ent
-        metrics["loss/entropy_bonus"] = (-entropy_coef * ent).detach()
-    if kl is not None:
-        kl_agg = aggregate(kl, mask, seq_ids, mode, normalizer)
-        metrics["actor/kl_ref"] = kl_agg.detach()
-        if kl_coef != 0.0:
-            total = total + kl_coef * kl_agg
-        metrics["loss/kl"] = (kl_coef * kl_agg).detach()
-    metrics["loss/total"] = total.detach()
-    return total, metrics
+
+    COUNTS = ("n_tokens", "n_clip_low", "n_clip_high", "n_rescued", "n_dual_clip")
+
+    def __init__(self, algo, *, seed: int, step: int, backend: str = "auto", with_kl: bool = False):
+        if algo.loss_agg not in AGG_MODES:
+            raise ValueError(f"aggregation mode must be one of {AGG_MODES}, got {algo.loss_agg!r}")
+        self.algo = algo
+        self.backend = backend
+        self.with_kl = with_kl
+        # NSR draws: Philox keyed by the run seed, counters (global token id, optimizer step): independent of
+        # micro-batching and of the number of ranks.
+        self.clip = dict(eps_low=algo.eps_low, eps_high=algo.eps_high, nsr=algo.nsr, nsr_prob=algo.nsr_prob,
+                         nsr_band=algo.nsr_band, seed=seed, step=step % 2**32)
+
+    @property
+    def token_separable(self) -> bool:
+        """True when token t's loss depends on token t's logprob/entropy only (what the fused head needs)."""
+        a = self.algo
+        return a.policy_loss != "gspo" and not a.fipo and a.tis == "off"
+
+    # ------------------------------------------------------------------------------------------ terms
+    def _begin(self, mb, normalizer: "LossNormalizer") -> None:
+        self._mb = mb
+        self._weights = aggregation_weights(mb.mask, mb.seq_ids, self.algo.loss_agg, normalizer)
+        zero = torch.zeros((), dtype=torch.float32, device=mb.mask.device)
+        self._sums = {k: zero.clone() for k in ("policy", "entropy", "kl")}
+        self._counts = torch.zeros(len(self.COUNTS), dtype=torch.int64, device=mb.mask.device)
+
+    def _weighted_sum(self, values: Tensor, s: int, e: int) -> Tensor:
+        # where(), not multiplication, as aggregate(): non-finite values at masked tokens are dropped.
+        return (torch.where(self._mb.mask[s:e], values.float(), 0.0) * self._weights[s:e]).sum()
+
+    def _terms(self, per_tok: Tensor, stats: dict, logprob: Tensor, entropy: Tensor, s: int, e: int) -> Tensor:
+        """sum_t w_t (l_t - c_H H_t + c_KL kl_t) over rows s:e; the metric sums and counts along the way."""
+        a, mb = self.algo, self._mb
+        policy, ent = self._weighted_sum(per_tok, s, e), self._weighted_sum(entropy, s, e)
+        total = policy - a.entropy_coef * ent
+        self._sums["policy"] += policy.detach()
+        self._sums["entropy"] += ent.detach()
+        if self.with_kl:
+            kl = self._weighted_sum(kl_penalty(logprob, mb.ref_logprob[s:e], a.kl_type), s, e)
+            total = total + a.kl_coef * kl
+            self._sums["kl"] += kl.detach()
+        self._counts += torch.stack([stats[k].to(torch.int64) for k in self.COUNTS])
+        return total
+
+    def _token_chunk(self, logprob: Tensor, entropy: Tensor, s: int, e: int, old: Tensor) -> Tensor:
+        mb = self._mb
+        per_tok, st = clipped_policy_loss(logprob, old, mb.advantages[s:e], mb.mask[s:e], dual_clip=self.algo.dual_clip,
+                                          token_index=mb.token_index[s:e], backend=self.backend, **self.clip)
+        return self._terms(per_tok, st, logprob, entropy, s, e)
+
+    # ------------------------------------------------------------------------------------------ entry points
+    def __call__(self, mb, normalizer: "LossNormalizer", logprob: Tensor, entropy: Tensor, on_policy: bool,
+                 anchor_hidden: Tensor | None = None, n_align_groups: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss 0-dim with grad, metrics) of the micro-batch from its logprob/entropy [R]."""
+        a = self.algo
+        self._begin(mb, normalizer)
+        old = logprob.detach() if on_policy else mb.old_logprob
+        n = logprob.numel()
+        if self.token_separable:
+            total = self._token_chunk(logprob, entropy, 0, n, old)
+        else:
+            adv = mb.advantages
+            if a.fipo:
+                adv = adv * fipo_weights(logprob.detach(), old, mb.mask, adv, seq_ids=mb.seq_ids, tau=a.fipo_tau,
+                                         eps_f=a.fipo_eps, high_only=a.fipo_high_only)
+            if a.policy_loss == "gspo":
+                per_tok, st = gspo_policy_loss(logprob, old, adv, mb.mask, mb.response_cu, seq_index=mb.seq_index,
+                                               backend=self.backend, **self.clip)
+            else:
+                per_tok, st = clipped_policy_loss(logprob, old, adv, mb.mask, dual_clip=a.dual_clip,
+                                                  token_index=mb.token_index, backend=self.backend, **self.clip)
+            if a.tis != "off":
+                per_tok = per_tok * tis_weights(old, mb.rollout_logprob, mb.mask, mb.seq_ids, level=a.tis,
+                                                clip=a.tis_clip)
+            total = self._terms(per_tok, st, logprob, entropy, 0, n)
+        return self.finish(total, anchor_hidden, n_align_groups)
+
+    def token_loss_fn(self, mb, normalizer: "LossNormalizer", on_policy: bool):
+        """``loss_fn(logprob, entropy, start, end)`` for kernels.fused_token_loss: the chunk's
+        sum_t w_t (l_t - c_H H_t + c_KL kl_t); call :meth:`finish` with the fused op's total afterwards."""
+        if not self.token_separable:
+            raise ValueError("the fused LM-head loss needs a token-separable objective (no GSPO, FIPO or TIS)")
+        self._begin(mb, normalizer)
+
+        def loss_fn(logprob: Tensor, entropy: Tensor, s: int, e: int) -> Tensor:
+            old = logprob.detach() if on_policy else mb.old_logprob[s:e]
+            return self._token_chunk(logprob, entropy, s, e, old)
+
+        return loss_fn
+
+    def finish(self, total: Tensor, anchor_hidden: Tensor | None, n_align_groups: int) -> tuple[Tensor, dict]:
+        """Add this micro-batch's share of the Hidden-Align term (docs/algorithms.md §4) and return
+        (loss, metrics). ``n_align_groups``: groups with >= 2 anchors in the whole mini-batch (all ranks)."""
+        a, mb = self.algo, self._mb
+        device = total.device
+        align = cos_sum = torch.zeros((), dtype=torch.float32, device=device)
+        n_here = 0
+        if n_align_groups > 0 and anchor_hidden is not None and anchor_hidden.shape[0] > 1:
+            n_here = groups_with_pairs(mb.anchor_groups)
+            if n_here:
+                align_mean, cos = hidden_align_loss(anchor_hidden.float(), mb.anchor_groups, backend=self.backend)
+                align = align_mean * (n_here / n_align_groups)  # this micro-batch's share of the step's group mean
+                total = total + a.hidden_align_coef * align
+                cos_sum = cos.detach() * n_here
+        s = self._sums
+        metrics = {
+            "loss/total": total.detach().float(),
+            "loss/policy": s["policy"],
+            "loss/entropy_agg": s["entropy"],
+            "loss/entropy_bonus": -a.entropy_coef * s["entropy"],
+            "loss/kl_ref_agg": s["kl"],
+            "loss/kl": a.kl_coef * s["kl"],
+            "loss/hidden_align": align.detach(),
+            "hidden_align/cos_sum": cos_sum,
+            "hidden_align/groups": torch.tensor(float(n_here), device=device),
+        }
+        metrics.update({f"count/{k}": self._counts[i].float() for i, k in enumerate(self.COUNTS)})
+        del self._mb, self._weights
+        return total, metrics
+
+
+def groups_with_pairs(group_ids: Tensor) -> int:
+    """Number of groups with >= 2 rows (those that carry a Hidden-Align term)."""
+    if group_ids.numel() == 0:
+        return 0
+    _, counts = torch.unique(group_ids, return_counts=True)
+    return int((counts >= 2).sum())
 
 
 def tis_weights(
@@ -288,42 +390,3 @@ def tis_weights(
         w = log_w.clamp(max=math.log(clip)).exp()
         w = torch.where(mask, w, torch.ones_like(w))
     return w.to(trainer_old_logprob.dtype)
-
-
-def logprob_mismatch_stats(
-    trainer_logprob: Tensor, rollout_logprob: Tensor, mask: Tensor, seq_ids: Tensor
-) -> dict[str, Tensor]:
-    """Rollout-engine vs trainer log-prob mismatch of one micro-batch (spec 6); detached 0-dim tensors.
-
-    - "mismatch/mean_abs_diff", "mismatch/max_abs_diff": |trainer - rollout| over valid tokens.
-    - "mismatch/kl_k3": per-sequence mean of the k3 estimate of KL(mu || pi), samples drawn from the
-      rollout policy mu: exp(d) - d - 1 with d = trainer - rollout; then the mean over sequences.
-    - "mismatch/kl_k1": the same with the k1 estimate rollout - trainer (unbiased, can be negative).
-    - "mismatch/num_tokens", "mismatch/num_seqs": the counts, to weight means across micro-batches.
-    Means over an empty micro-batch are 0.
-    """
-    n = trainer_logprob.numel()
-    _check_tokens(n, trainer_logprob=trainer_logprob, rollout_logprob=rollout_logprob, mask=mask, seq_ids=seq_ids)
-    _check_mask(mask)
-    with torch.no_grad():
-        d = trainer_logprob.detach().double() - rollout_logprob.detach().double()
-        d = torch.where(mask, d, torch.zeros_like(d))
-        valid = mask.double()
-        num_tokens = valid.sum()
-        abs_d = d.abs()
-        k3 = d.exp() - d - 1.0
-        lengths, index = _per_seq_sum(valid, seq_ids)
-        has = lengths > 0
-        num_seqs = has.sum().double()
-        seq_k3 = torch.zeros_like(lengths).index_add(0, index, torch.where(mask, k3, torch.zeros_like(k3)))
-        seq_k1 = torch.zeros_like(lengths).index_add(0, index, -d)
-        denom = lengths.clamp_min(1.0)
-        out = {
-            "mismatch/mean_abs_diff": abs_d.sum() / num_tokens.clamp_min(1.0),
-            "mismatch/max_abs_diff": abs_d.max() if n else d.new_zeros(()),
-            "mismatch/kl_k3": (seq_k3 / denom)[has].sum() / num_seqs.clamp_min(1.0),
-            "mismatch/kl_k1": (seq_k1 / denom)[has].sum() / num_seqs.clamp_min(1.0),
-            "mismatch/num_tokens": num_tokens,
-            "mismatch/num_seqs": num_seqs,
-        }
-    return {k: v.float() for k, v in out.items()}

@@ -1,8 +1,9 @@
-"""Evaluation and training metrics (spec section 6): pass@k, avg@k, maj@k, entropy statistics, EAS,
-approximate KL, response lengths, and a per-step accumulator with one cross-rank reduction.
+"""Every metric the project reports, in one place (docs/algorithms.md §6; names and units in the README):
+evaluation (pass@k, avg@k, maj@k, EAS), the rollout's (:func:`rollout_metrics`) and the update's
+(:class:`UpdateMetrics`).
 
 Training-side functions return detached 0-dim tensors (no host sync); :class:`MetricAccumulator` turns
-them into floats once per optimizer step.
+them into floats once per step, with one cross-rank reduction.
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ _LN2 = math.log(2.0)
 def entropy_area_score(
     token_entropies_nats: Tensor, mask: Tensor, seq_ids: Tensor | None = None
 ) -> Tensor:
-    """Entropy Area Score per sequence (spec 6): EAS_i = sum_{t < T} H_{i,t} in bits over valid tokens.
+    """Entropy Area Score per sequence (docs/algorithms.md §6): EAS_i = sum_{t < T} H_{i,t} in bits over valid tokens.
 
     The unnormalised sum over the generated sequence (the paper's variant conditioned on a forced answer
     prefix is an evaluation option of the caller, which passes those entropies instead).
@@ -169,7 +170,7 @@ def entropy_area_score(
 
 
 def entropy_stats(entropy: Tensor, mask: Tensor, top_frac: float = 0.2) -> dict[str, Tensor]:
-    """Token-entropy mean and mean over the top ``top_frac`` highest-entropy valid tokens (spec 6).
+    """Token-entropy mean and mean over the top ``top_frac`` highest-entropy valid tokens (docs/algorithms.md §6).
 
     The top set holds ceil(top_frac * valid tokens) tokens of this call's tokens (call it on the step's
     concatenated entropies for a step-level number). Keys: "entropy/mean", "entropy/top{100*frac}_mean".
@@ -200,21 +201,43 @@ def approx_kl(logprob: Tensor, old_logprob: Tensor, mask: Tensor) -> Tensor:
         return (k3.sum() / mask.sum().clamp_min(1)).float()
 
 
-def response_length_stats(lengths: Tensor | Sequence[int], max_new_tokens: int | None = None) -> dict[str, Tensor]:
-    """Response length statistics (tokens): mean, std (population), min, max and, with
-    ``max_new_tokens``, the fraction of responses cut at the limit ("response_length/clip_frac")."""
+def response_length_stats(lengths: Tensor | Sequence[int], truncated: Sequence[bool] | None = None) -> dict[str, Tensor]:
+    """Response length statistics (tokens): mean, std (population), min, max and, with ``truncated`` (one flag
+    per response: generation stopped at max_new_tokens), the fraction cut ("response_len/truncated_frac")."""
     t = torch.as_tensor(lengths).detach().double().flatten()
     if t.numel() == 0:
         raise ValueError("response_length_stats needs at least one length")
     out = {
-        "response_length/mean": t.mean(),
-        "response_length/std": t.std(unbiased=False),
-        "response_length/min": t.min(),
-        "response_length/max": t.max(),
+        "response_len/mean": t.mean(),
+        "response_len/std": t.std(unbiased=False),
+        "response_len/min": t.min(),
+        "response_len/max": t.max(),
     }
-    if max_new_tokens is not None:
-        out["response_length/clip_frac"] = (t >= max_new_tokens).double().mean()
+    if truncated is not None:
+        flags = torch.as_tensor(list(truncated), dtype=torch.float64)
+        if flags.numel() != t.numel():
+            raise ValueError(f"{flags.numel()} truncation flags for {t.numel()} lengths")
+        out["response_len/truncated_frac"] = flags.mean()
     return {k: v.float() for k, v in out.items()}
+
+
+def rollout_metrics(all_groups: Sequence, kept: Sequence) -> dict[str, float]:
+    """A step's rollout metrics over every generated group (experience.Group; dynamic sampling may have
+    dropped some: `kept` are those trained on)."""
+    responses = [r for g in all_groups for r in g.samples]
+    if not responses:
+        return {"groups/kept": float(len(kept))}
+    lengths = response_length_stats([len(r.response_ids) for r in responses],
+                                    [r.finish_reason == "length" for r in responses])
+    out = {
+        "reward/mean": sum(r.reward for r in responses) / len(responses),
+        "accuracy": sum(bool(r.correct) for r in responses) / len(responses),
+        "groups/kept": float(len(kept)),
+        "groups/all_correct_frac": sum(all(r.correct for r in g.samples) for g in all_groups) / len(all_groups),
+        "groups/all_wrong_frac": sum(not any(r.correct for r in g.samples) for g in all_groups) / len(all_groups),
+    }
+    out.update({k: float(lengths[k]) for k in ("response_len/mean", "response_len/max", "response_len/truncated_frac")})
+    return out
 
 
 # Accumulation over micro-batches and ranks ----------------------------------------------------------------
@@ -305,3 +328,59 @@ class MetricAccumulator:
         self._kind.clear()
         self._value.clear()
         self._weight.clear()
+
+
+class UpdateMetrics:
+    """The update phase's metrics (the trainer's only metric bookkeeping): micro-batch sums stay on the device
+    in a MetricAccumulator; :meth:`compute` reduces once over ranks, makes one host transfer, and turns the
+    sums into the step's values. Names and units: README "Metrics"."""
+
+    def __init__(self, process_group=None):
+        self.acc = MetricAccumulator(process_group)
+        self.optimizer_steps = 0
+
+    def add_objective(self, metrics: dict[str, Tensor]) -> None:
+        """losses.PolicyObjective's metrics of one micro-batch (step shares and counts); non-finite values
+        (a skipped step) count as 0."""
+        self.acc.add_dict({k: v.nan_to_num(0.0, 0.0, 0.0) for k, v in metrics.items()}, reduce="sum")
+
+    def add_tokens(self, logprob: Tensor, old_logprob: Tensor, entropy: Tensor, mask: Tensor) -> None:
+        """Token sums of one micro-batch: entropy, and k3 KL(pi_old || pi_theta) (as :func:`approx_kl`)."""
+        with torch.no_grad():
+            valid = mask.double()
+            log_r = (logprob.detach().double() - old_logprob.detach().double()).clamp(-20.0, 20.0)
+            k3 = torch.where(mask, log_r.exp() - 1.0 - log_r, torch.zeros_like(log_r))
+            ent = torch.where(mask, entropy.detach().double(), torch.zeros_like(valid))
+            self.acc.add("sum/entropy", ent.sum().nan_to_num(0.0, 0.0, 0.0), reduce="sum")
+            self.acc.add("sum/kl_old", k3.sum().nan_to_num(0.0, 0.0, 0.0), reduce="sum")
+
+    def add_mismatch(self, old_logprob: Tensor, rollout_logprob: Tensor, mask: Tensor) -> None:
+        """|log pi_old - log mu| of one micro-batch (docs/algorithms.md §6: pre-update trainer logprobs vs the
+        rollout engine's, once per rollout batch)."""
+        with torch.no_grad():
+            diff = torch.where(mask, (old_logprob.detach().double() - rollout_logprob.double()).abs(),
+                               torch.zeros((), dtype=torch.float64, device=mask.device)).nan_to_num(0.0, 0.0, 0.0)
+            self.acc.add("sum/mismatch_abs", diff.sum(), reduce="sum")
+            self.acc.add("sum/mismatch_tokens", mask.sum().double(), reduce="sum")
+            self.acc.add("mismatch/max_abs", diff.max() if diff.numel() else diff.new_zeros(()), reduce="max")
+
+    def compute(self) -> dict[str, float]:
+        """The step's update metrics: losses averaged over its optimizer steps, fractions over its tokens."""
+        raw = self.acc.compute()
+        steps = max(self.optimizer_steps, 1)
+        out = {k: v / steps for k, v in raw.items() if k.startswith("loss/")}
+        tokens = max(raw.get("count/n_tokens", 0.0), 1.0)
+        out.update({
+            "clip/low_frac": raw.get("count/n_clip_low", 0.0) / tokens,
+            "clip/high_frac": raw.get("count/n_clip_high", 0.0) / tokens,
+            "clip/dual_frac": raw.get("count/n_dual_clip", 0.0) / tokens,
+            "nsr/rescue_frac": raw.get("count/n_rescued", 0.0) / tokens,
+            "entropy/mean": raw.get("sum/entropy", 0.0) / tokens,
+            "kl_old/approx": raw.get("sum/kl_old", 0.0) / tokens,
+            "mismatch/mean_abs": raw.get("sum/mismatch_abs", 0.0) / max(raw.get("sum/mismatch_tokens", 0.0), 1.0),
+            "mismatch/max_abs": raw.get("mismatch/max_abs", 0.0),
+        })
+        groups = raw.get("hidden_align/groups", 0.0)
+        out["hidden_align/cos"] = raw.get("hidden_align/cos_sum", 0.0) / groups if groups else float("nan")
+        self.optimizer_steps = 0
+        return out

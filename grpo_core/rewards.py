@@ -1,4 +1,4 @@
-"""Reward shaping (spec section 2): correctness, optional format reward, DAPO overlong shaping, and
+"""Reward shaping (docs/algorithms.md §2): correctness, optional format reward, DAPO overlong shaping, and
 TTRL majority-vote pseudo-labels for unlabeled prompts.
 
 The verifier (grpo_core.verify) is not imported here: callers pass its results (correct flags,
@@ -15,7 +15,7 @@ import torch
 
 @dataclass
 class RewardSettings:
-    """How the scalar reward of a response is built (spec section 2).
+    """How the scalar reward of a response is built (docs/algorithms.md §2).
 
     reward = (correct_value if correct else incorrect_value)
              + (format_value if an answer could be extracted else 0)

@@ -1,6 +1,6 @@
 """The GRPO-family trainer: rollout -> verify -> advantage -> update, on a DeepSpeed ZeRO-3 engine.
 
-`train(cfg)` reads top to bottom as the algorithm (spec: shared/specs/algorithms.md):
+`train(cfg)` reads top to bottom as the algorithm (docs/algorithms.md):
 
     for step in 1..max_steps:
         groups  = self.rollout(step)        # sample G responses per prompt, verify, reward; DAPO dynamic sampling
@@ -17,20 +17,24 @@ not depend on the number of ranks or on micro-batching.
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
+from kernels import backend_summary
 
 from grpo_core import distributed as gdist
+from grpo_core.advantages import aggregation_notice
 from grpo_core.config import Config, config_diff, deepspeed_config
-from grpo_core.experience import Group, MicroBatch, Sample, build_micro_batch, padding_micro_batch, plan_micro_batches
+from grpo_core.experience import Group, Response
+from grpo_core.losses import LossNormalizer, PolicyObjective, backward_scale
+from grpo_core.metrics import UpdateMetrics, rollout_metrics
+from grpo_core.packing import MicroBatch, build_micro_batch, padding_micro_batch, plan_micro_batches
 
 
 class PolicyForward(nn.Module):
@@ -97,9 +101,10 @@ class Trainer:
         self.device = self.dist.device
         self.out = Path(cfg.trainer.output_dir)
         set_seed(cfg.trainer.seed)
-        from grpo_core.checkpoint import find_checkpoint
-
-        self._resume_from = find_checkpoint(self.out, resume)
+        self._resume_from = self._select_checkpoint(resume)
+        self.run_id = uuid.uuid4().hex[:12]  # names this run's checkpoints (retention); a resume keeps its own
+        self._consecutive_skips = 0
+        self._saved_step = -1
         # tokenizer, model dir, datasets, verifier, warm start (skipped when resuming: the checkpoint has it)
         self.run = prepare_run(cfg, self.dist, resuming=self._resume_from is not None)
         self.tokenizer = self.run.tokenizer
@@ -113,15 +118,17 @@ class Trainer:
         self.dyn = DynamicSamplingBuffer(cfg.trainer.train_batch_prompts, cfg.algorithm.max_gen_batches)
         self.eval_before: Optional[float] = None
         self._maybe_resume(force)
-        # Test seam for the kill-and-resume tests: GRPO_FAULT_INJECT="kill_after_step=N" SIGKILLs this process
-        # right after step N is logged (and checkpointed, if due).
-        fault = os.environ.get("GRPO_FAULT_INJECT", "")
-        self._kill_after = int(fault.split("=", 1)[1]) if fault.startswith("kill_after_step=") else None
         from grpo_core.tracking import MetricsLogger
 
         self.log = MetricsLogger(self.out, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard,
                                  progress_bar=cfg.logging.progress_bar, total_steps=cfg.trainer.max_steps,
                                  initial_step=self.step)
+        ops = backend_summary(cfg.model.kernel_backend, self.device)
+        self.log.write(f"kernels (model.kernel_backend={cfg.model.kernel_backend}): "
+                       + ", ".join(f"{op}={b}" for op, b in ops.items()))
+        note = aggregation_notice(cfg.algorithm.advantage, cfg.algorithm.loss_agg)
+        if note:
+            self.log.write(note)
 
     # ------------------------------------------------------------------------------------------ set-up
     def _build_engines(self) -> None:
@@ -218,7 +225,7 @@ class Trainer:
         for gi, g in enumerate(kept):  # re-index the kept groups: the NSR token ids and anchors use these
             for s in g.samples:
                 s.group_index = gi
-        metrics = self._rollout_metrics(all_groups, kept)
+        metrics = rollout_metrics(all_groups, kept)
         metrics.update({"dynamic_sampling/rounds": rounds, "dynamic_sampling/filtered_frac": stats.filtered_fraction,
                         "dynamic_sampling/bound_hit": float(stats.bound_hit), "time/rollout_s": time.time() - t0})
         return kept, metrics
@@ -244,7 +251,7 @@ class Trainer:
         local = [Group(prompt_uid=s.uid, answer=s.answer) for s in samples]
         rewards = self.run.rewards(results, [len(g.token_ids) for g in gens], [g.finish_reason for g in gens], texts)
         for g, text, res, r in zip(gens, texts, results, rewards):
-            sample = Sample(group_index=-1, sample_index=g.sample_index, prompt_ids=samples[g.prompt_index].prompt_ids,
+            sample = Response(group_index=-1, sample_index=g.sample_index, prompt_ids=samples[g.prompt_index].prompt_ids,
                             response_ids=list(g.token_ids), rollout_logprobs=list(g.logprobs),
                             finish_reason=g.finish_reason, text=text, reward=float(r), correct=bool(res.correct),
                             answer_key=res.canonical)
@@ -256,20 +263,6 @@ class Trainer:
         by_position = {p: grp for part in gathered for p, grp in part}
         return [by_position[p] for p in range(len(prompt_indices))]
 
-    def _rollout_metrics(self, all_groups: list[Group], kept: list[Group]) -> dict:
-        samples = [s for g in all_groups for s in g.samples]
-        lengths = [len(s.response_ids) for s in samples]
-        return {
-            "reward/mean": float(np.mean([s.reward for s in samples])),
-            "accuracy": float(np.mean([s.correct for s in samples])),
-            "response_len/mean": float(np.mean(lengths)),
-            "response_len/max": float(np.max(lengths)),
-            "response_len/truncated_frac": float(np.mean([s.finish_reason == "length" for s in samples])),
-            "groups/kept": float(len(kept)),
-            "groups/all_correct_frac": float(np.mean([all(s.correct for s in g.samples) for g in all_groups])),
-            "groups/all_wrong_frac": float(np.mean([not any(s.correct for s in g.samples) for g in all_groups])),
-        }
-
     # ------------------------------------------------------------------------------------------ advantages
     def assign_advantages(self, groups: list[Group]) -> None:
         from grpo_core.advantages import compute_advantages, edas_shape
@@ -280,7 +273,7 @@ class Trainer:
             return
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         group_ids = torch.tensor([s.group_index for s in samples], dtype=torch.long)
-        adv = compute_advantages(rewards, group_ids, a.advantage, eps=a.adv_eps)
+        adv = compute_advantages(rewards, group_ids, a.advantage, eps=a.adv_eps, std_unbiased=a.adv_std_unbiased)
         if a.edas:
             correct = torch.tensor([s.correct for s in samples], dtype=torch.bool)
             adv = edas_shape(adv, group_ids, correct, [s.answer_key for s in samples],
@@ -296,26 +289,28 @@ class Trainer:
         mine = groups[self.dist.rank::self.dist.world_size]
         plans = plan_micro_batches(mine, cfg.trainer.max_tokens_per_micro_batch)
         with_anchors = cfg.algorithm.hidden_align_coef > 0
-        mbs = [build_micro_batch(p, cfg.rollout.max_new_tokens, with_anchors) for p in plans]
+        mbs = [build_micro_batch(p, cfg.rollout.group_size, cfg.rollout.max_new_tokens, with_anchors)
+               for p in plans]
         n = gdist.all_reduce_max_int(len(mbs), self.device)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         mbs += [padding_micro_batch(pad_id) for _ in range(n - len(mbs))]
         return [mb.to(self.device) for mb in mbs]
 
     @torch.no_grad()
-    def _fill_old_logprobs(self, mbs: list[MicroBatch]) -> None:
+    def _fill_old_logprobs(self, mbs: list[MicroBatch], metrics: UpdateMetrics) -> None:
         self.engine.eval()
         for mb in mbs:
             lp, _, _ = self.engine(mb, self.cfg.rollout.temperature, with_entropy=False)
             mb.old_logprob = lp.float()
+            metrics.add_mismatch(mb.old_logprob, mb.rollout_logprob, mb.mask)
             if self.ref_engine is not None:
                 mb.ref_logprob = self.ref_engine(mb, self.cfg.rollout.temperature, with_entropy=False)[0].float()
         self.engine.train()
 
     def update(self, groups: list[Group], step: int) -> dict:
-        from grpo_core.losses import LossNormalizer
-        from grpo_core.metrics import MetricAccumulator
-
+        """ppo_epochs x mini_batches optimizer steps over the step's groups (docs/algorithms.md §3). A step whose
+        loss is not finite on some rank is skipped (weights and optimizer untouched). Metrics accumulate on the
+        device and are reduced once per step (grpo_core.metrics.UpdateMetrics)."""
         cfg = self.cfg
         t0 = time.time()
         m = cfg.trainer.mini_batches
@@ -325,51 +320,84 @@ class Trainer:
         # Old logprobs: reuse the update's own forward when exactly on-policy (ratio = 1 at the first pass).
         on_policy = cfg.trainer.ppo_epochs == 1 and len(minis) == 1 and self.ref_engine is None
         packed = [self._rank_micro_batches(mi) for mi in minis]
+        metrics = UpdateMetrics()
+        # The rollout/trainer mismatch compares the rollout engine's logprobs with the trainer's pre-update
+        # (old) ones, once per rollout batch: here, or in the single on-policy pass below.
         if not on_policy:
             for mbs in packed:
-                self._fill_old_logprobs(mbs)
+                self._fill_old_logprobs(mbs, metrics)
         t_old = time.time() - t0
-        acc = MetricAccumulator()
         skipped = 0
         for _epoch in range(cfg.trainer.ppo_epochs):
             for mi, mbs in enumerate(packed):
                 norm = LossNormalizer.from_step([mb.mask for mb in mbs], [mb.seq_ids for mb in mbs],
                                                 gen_max_len=cfg.rollout.max_new_tokens)
                 n_align = self._count_align_groups(minis[mi])
+                objective = PolicyObjective(cfg.algorithm, seed=cfg.trainer.seed, step=self.opt_steps,
+                                            backend=cfg.model.kernel_backend, with_kl=self.ref_engine is not None)
                 finite = True
                 for k, mb in enumerate(mbs):
                     self.engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
-                    loss, metrics, mism_max = self._micro_batch_loss(mb, norm, n_align, on_policy)
-                    ok = bool(torch.isfinite(loss))  # one host sync per micro-batch, not per token
-                    if not ok:
+                    loss = self._micro_batch_loss(objective, mb, norm, n_align, on_policy, metrics)
+                    # The one host sync per micro-batch: a NaN/inf loss must not reach backward, whose NaN
+                    # gradients ZeRO-3 would keep past zero_grad(); a zero loss through every parameter
+                    # replaces it so the collectives stay in step. (Metrics stay on the device.)
+                    if not bool(torch.isfinite(loss)):
                         finite = False
                         loss = self._zero_touch(mb)
-                    self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
-                    acc.add_dict({k: v.nan_to_num(0.0, 0.0, 0.0) for k, v in metrics.items()}, reduce="sum")
-                    acc.add("mismatch/max_abs", mism_max.nan_to_num(0.0, 0.0, 0.0), reduce="max")
+                    self.engine.backward(loss * backward_scale(self.dist.world_size), scale_wrt_gas=False)
                 finite = gdist.all_reduce_max_int(0 if finite else 1, self.device) == 0
                 lr = lr_at(cfg, self.opt_steps)
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = lr
-                if finite:
-                    self.engine.step()
-                    self.opt_steps += 1
-                else:  # a non-finite loss: drop this step's gradients, leave weights and optimizer untouched
+                metrics.optimizer_steps += 1
+                if not self._optimizer_step(finite, step):
                     skipped += 1
-                    self.engine.zero_grad()
-        if not packed:  # dynamic sampling kept no group: nothing to train on this step
-            return {"lr": lr_at(cfg, max(self.opt_steps - 1, 0)), "train/skipped_steps": 0.0,
-                    "time/old_logprob_s": 0.0, "time/update_s": time.time() - t0}
-        out = acc.compute()
-        out = {_rename(k): v / (cfg.trainer.ppo_epochs * len(packed)) if k.startswith(("loss/", "actor/")) else v
-               for k, v in out.items()}
-        out.update(self._ratio_metrics(out))
+        out = metrics.compute() if packed else {}  # dynamic sampling may keep no group: nothing to train on
         out.update({"lr": lr_at(cfg, max(self.opt_steps - 1, 0)), "train/skipped_steps": float(skipped),
-                    "time/old_logprob_s": t_old, "time/update_s": time.time() - t0})
-        gn = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
+                    "time/old_logprob_s": t_old if packed else 0.0, "time/update_s": time.time() - t0})
+        gn = self.engine.get_global_grad_norm() if packed and hasattr(self.engine, "get_global_grad_norm") else None
         if gn is not None:
             out["grad_norm"] = float(gn)
         return out
+
+    def _optimizer_step(self, loss_finite: bool, step: int) -> bool:
+        """One optimizer step, unless the loss (on any rank) or a gradient is non-finite: then the gradients are
+        dropped and weights, optimizer state and the optimizer-step counter stay as they were (the same on every
+        rank). trainer.max_consecutive_skips skips in a row stop the run (NonFiniteError)."""
+        from grpo_core.errors import NonFiniteError
+
+        finite = loss_finite and self._grads_finite()
+        if finite:
+            self.engine.step()
+            self.opt_steps += 1
+            self._consecutive_skips = 0
+            return True
+        # DeepSpeed's engine.zero_grad() only clears param.grad: the ZeRO optimizer's own zero_grad also drops the
+        # reduced gradient partitions and restarts accumulation, else they would be added into the next step.
+        if hasattr(self.engine.optimizer, "zero_grad"):
+            self.engine.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
+        self._consecutive_skips += 1
+        limit = self.cfg.trainer.max_consecutive_skips
+        if self.dist.is_main:
+            print(f"[grpo] step {step}: non-finite {'loss' if not loss_finite else 'gradient'}, optimizer step "
+                  f"skipped ({self._consecutive_skips} in a row, limit {limit})", flush=True)
+        if self._consecutive_skips >= limit:
+            raise NonFiniteError(
+                f"stopped at step {step}: {limit} optimizer steps in a row had a non-finite loss or gradient "
+                f"(trainer.max_consecutive_skips); the weights are unchanged since the last good step and the last "
+                f"checkpoint is kept; lower trainer.lr, check the data and model, then --resume auto")
+        return False
+
+    def _grads_finite(self) -> bool:
+        """Whether every gradient of this optimizer step is finite, on all ranks. DeepSpeed checks this only for
+        fp16 loss scaling; in fp32/bf16 a non-finite gradient would step the weights to NaN."""
+        opt = getattr(self.engine, "optimizer", None)
+        if hasattr(opt, "has_overflow"):  # ZeRO 1-3: the reduced gradient partitions, all-reduced over ranks
+            return not opt.has_overflow(partition_gradients=True)
+        bad = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in self.module.parameters())
+        return gdist.all_reduce_max_int(int(bad), self.device) == 0
 
     def _zero_touch(self, mb: MicroBatch) -> torch.Tensor:
         """A zero loss through every parameter, replacing a non-finite one so collectives stay in step."""
@@ -381,126 +409,24 @@ class Trainer:
             return 0
         return sum(1 for g in groups if sum(1 for s in g.samples if s.correct and s.anchor is not None) >= 2)
 
-    def _micro_batch_loss(self, mb: MicroBatch, norm, n_align: int, on_policy: bool):
-        """Loss of one packed micro-batch (its share of the optimizer step's loss) and metric tensors. Every
-        micro-batch on every rank returns the same metric keys, so they reduce in one collective."""
-        from kernels import clipped_policy_loss, gspo_policy_loss
-
-        from grpo_core.advantages import fipo_weights
-        from grpo_core.losses import kl_penalty, logprob_mismatch_stats, policy_objective, tis_weights
-
-        cfg, a = self.cfg, self.cfg.algorithm
-        # NSR draws: Philox keyed by the run seed, counters (global token id, optimizer step): independent of
-        # micro-batching and of the number of ranks.
-        common = dict(eps_low=a.eps_low, eps_high=a.eps_high, nsr=a.nsr, nsr_prob=a.nsr_prob, nsr_band=a.nsr_band,
-                      seed=cfg.trainer.seed, step=self.opt_steps % 2**32)
-        if cfg.model.fused_lm_head_loss:
-            loss_fn, sums = self._token_loss_fn(mb, norm, on_policy, common)
-            total, logprob, entropy, anchor_h = self.engine(mb, cfg.rollout.temperature, with_entropy=True,
-                                                            loss_fn=loss_fn)
-            old = logprob if on_policy else mb.old_logprob
-            st = {k: sums[k] for k in ("n_clip_low", "n_clip_high", "n_rescued")}
-            metrics = {"loss/policy": sums["policy"], "actor/entropy": sums["entropy"],
-                       "loss/entropy_bonus": -a.entropy_coef * sums["entropy"]}
-            if self.ref_engine is not None:
-                metrics.update({"actor/kl_ref": sums["kl"], "loss/kl": a.kl_coef * sums["kl"]})
-            metrics["loss/total"] = total.detach()
+    def _micro_batch_loss(self, objective: PolicyObjective, mb: MicroBatch, norm: LossNormalizer, n_align: int,
+                          on_policy: bool, metrics: UpdateMetrics) -> torch.Tensor:
+        """One packed micro-batch's share of the optimizer step's loss (losses.PolicyObjective), its metrics
+        recorded. With model.fused_lm_head_loss the objective's token part runs inside the LM head's forward."""
+        temperature = self.cfg.rollout.temperature
+        if self.cfg.model.fused_lm_head_loss:
+            loss_fn = objective.token_loss_fn(mb, norm, on_policy)
+            total, logprob, entropy, anchor_h = self.engine(mb, temperature, with_entropy=True, loss_fn=loss_fn)
+            loss, terms = objective.finish(total, anchor_h, n_align)
         else:
-            logprob, entropy, anchor_h = self.engine(mb, cfg.rollout.temperature, with_entropy=True)
-            old = logprob.detach() if on_policy else mb.old_logprob
-            adv = mb.advantages
-            if a.fipo:
-                adv = adv * fipo_weights(logprob.detach(), old, mb.mask, adv, seq_ids=mb.seq_ids, tau=a.fipo_tau,
-                                         eps_f=a.fipo_eps, high_only=a.fipo_high_only)
-            if a.policy_loss == "gspo":
-                starts = _seq_starts(mb.seq_ids)
-                cu = torch.cat([starts, starts.new_tensor([mb.seq_ids.numel()])])
-                per_tok, st = gspo_policy_loss(logprob, old, adv, mb.mask, cu,
-                                               seq_index=mb.token_index[starts] // cfg.rollout.max_new_tokens, **common)
-            else:
-                per_tok, st = clipped_policy_loss(logprob, old, adv, mb.mask, dual_clip=a.dual_clip,
-                                                  token_index=mb.token_index, backend=cfg.model.kernel_backend, **common)
-            if a.tis != "off":
-                per_tok = per_tok * tis_weights(old, mb.rollout_logprob, mb.mask, mb.seq_ids, level=a.tis, clip=a.tis_clip)
-            kl = kl_penalty(logprob, mb.ref_logprob, a.kl_type) if self.ref_engine is not None else None
-            total, metrics = policy_objective(per_tok, mb.mask, mb.seq_ids, a.loss_agg, norm, entropy=entropy,
-                                              entropy_coef=a.entropy_coef, kl=kl, kl_coef=a.kl_coef)
-        align = cos_sum = torch.zeros((), device=logprob.device)
-        n_here = 0
-        if n_align > 0 and anchor_h.shape[0] > 1:
-            from kernels import hidden_align_loss
-
-            n_here = _groups_with_pairs(mb.anchor_groups)
-            if n_here:
-                align_mean, cos = hidden_align_loss(anchor_h.float(), mb.anchor_groups)
-                align = align_mean * (n_here / n_align)  # this micro-batch's share of the step's group mean
-                total = total + a.hidden_align_coef * align
-                cos_sum = cos.detach() * n_here
-        masked = mb.mask.float()
-        lp_d = logprob.detach().float()
-        metrics.update({
-            "hidden_align/loss": align.detach(), "hidden_align/cos_sum": cos_sum,
-            "hidden_align/groups": torch.tensor(float(n_here)),
-            "tokens": masked.sum(),
-            "count/n_clip_low": st["n_clip_low"].float(), "count/n_clip_high": st["n_clip_high"].float(),
-            "count/n_rescued": st["n_rescued"].float(),
-            "entropy/sum": (entropy.detach().float() * masked).sum(),
-            "kl_old/sum": ((old - lp_d) * masked).sum(),
-            "mismatch/abs_sum": ((lp_d - mb.rollout_logprob).abs() * masked).sum(),
-        })
-        mism = logprob_mismatch_stats(lp_d, mb.rollout_logprob, mb.mask, mb.seq_ids)
-        return total, metrics, mism["mismatch/max_abs_diff"]
-
-    def _token_loss_fn(self, mb: MicroBatch, norm, on_policy: bool, common: dict):
-        """The micro-batch's policy objective as a token-separable loss of (logprob, entropy) for
-        kernels.fused_token_loss: per chunk of rows, sum_t w_t (l_t - c_H H_t + c_KL kl_t) with the aggregation
-        as per-token weights w (losses.aggregation_weights). Same value and gradients as the unfused path;
-        `sums` collects the metric sums (detached) across chunks."""
-        from kernels import clipped_policy_loss
-
-        from grpo_core.losses import aggregation_weights, kl_penalty
-
-        a, backend = self.cfg.algorithm, self.cfg.model.kernel_backend
-        weights = aggregation_weights(mb.mask, mb.seq_ids, a.loss_agg, norm)
-        names = ("policy", "entropy", "kl", "n_clip_low", "n_clip_high", "n_rescued")
-        sums = {k: torch.zeros((), dtype=torch.float32, device=mb.mask.device) for k in names}
-
-        def weighted_sum(values, s, e):
-            # where(), not multiplication, as losses.aggregate: non-finite values at masked tokens are dropped.
-            return (torch.where(mb.mask[s:e], values.float(), 0.0) * weights[s:e]).sum()
-
-        def loss_fn(logprob, entropy, s, e):
-            old = logprob.detach() if on_policy else mb.old_logprob[s:e]
-            per_tok, st = clipped_policy_loss(logprob, old, mb.advantages[s:e], mb.mask[s:e], dual_clip=a.dual_clip,
-                                              token_index=mb.token_index[s:e], backend=backend, **common)
-            policy, ent = weighted_sum(per_tok, s, e), weighted_sum(entropy, s, e)
-            total = policy - a.entropy_coef * ent
-            sums["policy"] += policy.detach()
-            sums["entropy"] += ent.detach()
-            if self.ref_engine is not None:
-                kl = weighted_sum(kl_penalty(logprob, mb.ref_logprob[s:e], a.kl_type), s, e)
-                total = total + a.kl_coef * kl
-                sums["kl"] += kl.detach()
-            for k in ("n_clip_low", "n_clip_high", "n_rescued"):
-                sums[k] += st[k].float()
-            return total
-
-        return loss_fn, sums
-
-    def _ratio_metrics(self, out: dict) -> dict:
-        tokens = max(out.pop("tokens", 0.0), 1.0)
-        res = {
-            "clip/low_frac": out.pop("count/n_clip_low", 0.0) / tokens,
-            "clip/high_frac": out.pop("count/n_clip_high", 0.0) / tokens,
-            "nsr/rescue_frac": out.pop("count/n_rescued", 0.0) / tokens,
-            "entropy/mean": out.pop("entropy/sum", 0.0) / tokens,
-            "kl_old/approx": out.pop("kl_old/sum", 0.0) / tokens,
-            "mismatch/mean_abs": out.pop("mismatch/abs_sum", 0.0) / tokens,
-        }
-        groups = out.pop("hidden_align/groups", 0.0)
-        cos_sum = out.pop("hidden_align/cos_sum", 0.0)
-        res["hidden_align/cos"] = cos_sum / groups if groups else float("nan")
-        return res
+            logprob, entropy, anchor_h = self.engine(mb, temperature, with_entropy=True)
+            loss, terms = objective(mb, norm, logprob, entropy, on_policy, anchor_h, n_align)
+        old = logprob.detach() if on_policy else mb.old_logprob
+        if on_policy:
+            metrics.add_mismatch(old, mb.rollout_logprob, mb.mask)
+        metrics.add_objective(terms)
+        metrics.add_tokens(logprob, old, entropy, mb.mask)
+        return loss
 
     # ------------------------------------------------------------------------------------------ loop
     def evaluate(self) -> dict:
@@ -517,20 +443,23 @@ class Trainer:
         return res
 
     def fit(self) -> dict:
+        from grpo_core.preempt import STOP
+
         cfg = self.cfg
-        if self.step == 0 and self.run.eval_set is not None:
+        if self.step == 0 and self.run.eval_set is not None and not self._stop_requested():
             res = self.evaluate()
             self.eval_before = res["accuracy"]
             self.log.log(0, res, phase="eval")
             self.log.write(f"held-out accuracy before RL: {res['accuracy']:.3f} ({res['n']} prompts)")
-        while self.step < cfg.trainer.max_steps:
+        while self.step < cfg.trainer.max_steps and not self._stop_requested():
             step = self.step + 1
             t_sync = self.sync_rollout_weights()
             groups, metrics = self.rollout(step)                # rollout + verify + reward (+ dynamic sampling)
             self.rollout_engine.sleep()                         # the engine frees its weights (+ KV cache) for the update
             self.assign_advantages(groups)                      # advantage (+ EDAS)
             metrics.update(self.update(groups, step))           # loss + optimizer steps
-            metrics.update({"time/weight_sync_s": t_sync, "time/elapsed_s": time.time() - self.t0})
+            metrics.update({"time/weight_sync_s": t_sync, "time/elapsed_s": time.time() - self.t0,
+                            "train/opt_steps": float(self.opt_steps)})
             if self.device.type == "cuda":
                 metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             self.step = step
@@ -540,31 +469,48 @@ class Trainer:
                 self.log.log(step, self.evaluate(), phase="eval")
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
                 self.save()
-            if self._kill_after == step:
-                os.kill(os.getpid(), signal.SIGKILL)
+        if self._stopped_by is not None:
+            return self.finish(stopped_by=STOP.signal_name or self._stopped_by)
         return self.finish()
 
-    def finish(self) -> dict:
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM / SIGUSR1 / SIGINT (collective: all ranks stop after the same step)."""
+        from grpo_core.preempt import STOP
+
+        if gdist.all_reduce_max_int(int(STOP.requested), self.device):
+            self._stopped_by = STOP.signal_name or "a signal on another rank"
+            return True
+        return False
+
+    def finish(self, stopped_by: Optional[str] = None) -> dict:
         summary = {"steps": self.step, "eval_accuracy_before_rl": self.eval_before}
-        if self.run.eval_set is not None:
+        if stopped_by is None and self.run.eval_set is not None:
             res = self.evaluate()
             self.log.log(self.step, res, phase="eval")
             summary["eval_accuracy_after_rl"] = res["accuracy"]
             self.log.write(f"held-out accuracy after RL: {res['accuracy']:.3f} (before: {self.eval_before})")
-        if not (self.out / "checkpoints" / f"step_{self.step:06d}").exists():
+        ckpt = self.out / "checkpoints" / f"step_{self.step:06d}"
+        if self.step > 0 and self._saved_step != self.step:
             self.save()
         summary.update(self.run.warm_start_summary)
         summary["wall_seconds"] = time.time() - self.t0
-        summary["final_checkpoint"] = str(self.out / "checkpoints" / f"step_{self.step:06d}" / "hf")
+        summary["final_checkpoint"] = str(ckpt / "hf") if ckpt.exists() else None
+        summary["checkpoint"] = str(ckpt) if ckpt.exists() else None
+        summary["opt_steps"] = self.opt_steps
+        if stopped_by is not None:
+            summary["stopped_by"] = stopped_by
         if self.dist.is_main:
             import json
 
-            if self.cfg.logging.plot:
+            if self.cfg.logging.plot and stopped_by is None:
                 from grpo_core.tracking import plot_curves
 
                 plot_curves(self.out / "metrics.jsonl", self.out / "curves.png", title="grpo-core")
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+            tmp = self.out / ".summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+            tmp.replace(self.out / "summary.json")
         self.log.close()
+        gdist.barrier()  # every rank exits after the summary is written (a launcher may kill the rest at the first exit)
         return summary
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -572,7 +518,7 @@ class Trainer:
         return {"step": self.step, "opt_steps": self.opt_steps, "sampler": self.sampler.state_dict(),
                 "dynamic_sampling": self.dyn.state_dict(), "eval_accuracy_before_rl": self.eval_before,
                 "warm_start": self.run.warm_start_summary,
-                "world_size": self.dist.world_size, "config": self.cfg.to_dict()}
+                "world_size": self.dist.world_size, "config": self.cfg.to_dict(), "run_id": self.run_id}
 
     def save(self) -> None:
         from grpo_core.checkpoint import save_checkpoint
@@ -580,7 +526,8 @@ class Trainer:
         state = self.trainer_state()
         save_checkpoint(self.out, self.step, engine=self.engine, trainer_state=state, rank=self.dist.rank,
                         export_hf=self._export_hf if self.cfg.checkpoint.export_hf else None,
-                        keep_last=self.cfg.checkpoint.keep_last, crash_hook=getattr(self, "_crash_hook", None))
+                        keep_last=self.cfg.checkpoint.keep_last, run_id=self.run_id)
+        self._saved_step = self.step
 
     def _export_hf(self, directory: Path) -> None:
         sd = self.gathered_state_dict()
@@ -588,21 +535,42 @@ class Trainer:
             self.run.policy.save_pretrained(directory, state_dict=sd)
             self.tokenizer.save_pretrained(directory)
 
+    def _select_checkpoint(self, resume: str) -> Optional[Path]:
+        """Rank 0 picks (and verifies) the checkpoint to resume; every rank gets its choice."""
+        from grpo_core.checkpoint import select_checkpoint
+
+        self._stopped_by: Optional[str] = None
+        choice: tuple = (None, None)
+        if self.dist.is_main:
+            try:
+                ckpt = select_checkpoint(self.out, resume, say=lambda m: print(m, flush=True))
+                choice = (str(ckpt) if ckpt is not None else None, None)
+            except Exception as e:  # shared, so that every rank raises it instead of waiting
+                choice = (None, e)
+        path, error = gdist.all_gather_objects(choice)[0]
+        if error is not None:
+            raise error
+        return Path(path) if path is not None else None
+
     def _maybe_resume(self, force: bool) -> None:
         from grpo_core.checkpoint import load_rng, load_trainer_state
+        from grpo_core.errors import CheckpointError
 
         ckpt = self._resume_from
         if ckpt is None:
             return
         state = load_trainer_state(ckpt)
         diff = [d for d in config_diff(state["config"], self.cfg.to_dict())
-                if not d.startswith(("trainer.max_steps", "checkpoint.", "logging."))]
+                if not d.startswith(("trainer.max_steps", "trainer.max_consecutive_skips", "checkpoint.", "logging."))]
         if diff and not force:
-            raise SystemExit("refusing to resume from {}: the config differs:\n  {}\n(pass --force to resume anyway)"
-                             .format(ckpt, "\n  ".join(diff)))
+            shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+            raise CheckpointError(f"refusing to resume from {ckpt}: the config differs ({shown}); pass --force to "
+                                  f"resume anyway, or set a new trainer.output_dir to start fresh")
         self.engine.load_checkpoint(str(ckpt / "ds"), tag="state", load_optimizer_states=True,
                                     load_lr_scheduler_states=False)
         self.step, self.opt_steps = state["step"], state["opt_steps"]
+        self._saved_step = self.step
+        self.run_id = state.get("run_id") or self.run_id
         self.sampler.load_state_dict(state["sampler"])
         self.dyn.load_state_dict(state["dynamic_sampling"])
         self.eval_before = state.get("eval_accuracy_before_rl")
@@ -619,23 +587,6 @@ def _mix(*values: int) -> int:
         h ^= (int(v) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
         h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     return h & 0x7FFFFFFFFFFFFFFF
-
-
-def _seq_starts(seq_ids: torch.Tensor) -> torch.Tensor:
-    first = torch.ones_like(seq_ids, dtype=torch.bool)
-    first[1:] = seq_ids[1:] != seq_ids[:-1]
-    return first.nonzero().squeeze(1)
-
-
-def _groups_with_pairs(group_ids: torch.Tensor) -> int:
-    if group_ids.numel() == 0:
-        return 0
-    _, counts = torch.unique(group_ids, return_counts=True)
-    return int((counts >= 2).sum())
-
-
-def _rename(key: str) -> str:
-    return {"actor/entropy": "loss/entropy_agg"}.get(key, key)
 
 
 def train(cfg: Config, resume: str = "none", force: bool = False) -> dict:

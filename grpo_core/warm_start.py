@@ -9,6 +9,7 @@ import time
 import torch
 
 from grpo_core.config import Config
+from grpo_core.packing import pack_sequences
 
 
 def _sequences(train_set, tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -20,20 +21,6 @@ def _sequences(train_set, tokenizer) -> list[tuple[list[int], list[int]]]:
         response = tokenizer.encode(s.solution) + ([eos] if eos is not None else [])
         out.append((list(s.prompt_ids), response))
     return out
-
-
-def _packed_batch(batch, device):
-    ids, pos, cu, resp_pos, targets = [], [], [0], [], []
-    for prompt, response in batch:
-        start = cu[-1]
-        seq = prompt + response
-        ids.extend(seq)
-        pos.extend(range(len(seq)))
-        cu.append(start + len(seq))
-        resp_pos.extend(range(start + len(prompt) - 1, start + len(seq) - 1))
-        targets.extend(response)
-    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)
-    return t([ids]), t([pos]), t(cu, torch.int32), t(resp_pos), t(targets)
 
 
 def supervised_warm_start(policy, tokenizer, train_set, cfg: Config, device: torch.device) -> dict:
@@ -53,10 +40,10 @@ def supervised_warm_start(policy, tokenizer, train_set, cfg: Config, device: tor
         for g in opt.param_groups:
             g["lr"] = lr
         batch = [data[rng.randrange(len(data))] for _ in range(ws.batch_size)]
-        input_ids, position_ids, cu, resp_pos, targets = _packed_batch(batch, device)
-        hidden = policy(input_ids, position_ids=position_ids, cu_seqlens=cu)[0]
-        logprob, _ = policy.lm_head(hidden[resp_pos], targets=targets, temperature=1.0, with_entropy=False,
-                                    backend=cfg.model.kernel_backend)
+        packed = pack_sequences([p for p, _ in batch], [r for _, r in batch], device=device)
+        hidden = policy(packed.input_ids, position_ids=packed.position_ids, cu_seqlens=packed.cu_seqlens)[0]
+        logprob, _ = policy.lm_head(hidden[packed.response_positions], targets=packed.targets, temperature=1.0,
+                                    with_entropy=False, backend=cfg.model.kernel_backend)
         loss = -logprob.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

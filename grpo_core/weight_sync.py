@@ -43,10 +43,6 @@ class SyncStats:
     gather_seconds: float = 0.0  # time spent gathering and cloning (excludes the consumer's time)
     seconds: float = 0.0  # wall time of the whole sync
 
-    def as_metrics(self, prefix: str = "weight_sync/") -> dict[str, float]:
-        return {f"{prefix}seconds": self.seconds, f"{prefix}gather_seconds": self.gather_seconds,
-                f"{prefix}gib": self.bytes / 2**30, f"{prefix}buckets": float(self.buckets)}
-
 
 def _is_zero3(param: Tensor) -> bool:
     # DeepSpeed ZeRO-3 tags every partitioned parameter with ds_id / ds_status.

@@ -1,4 +1,4 @@
-"""Hidden-Align: pull together the anchor hidden states of a prompt's correct rollouts (spec section 4).
+"""Hidden-Align: pull together the anchor hidden states of a prompt's correct rollouts (docs/algorithms.md §4).
 
 For each group g with n >= 2 rows and u_i = h_i / max(||h_i||, eps):
     mean pairwise cosine  c_g = (||S_g||^2 - sum_i ||u_i||^2) / (n (n - 1)),   S_g = sum_i u_i
@@ -19,26 +19,23 @@ Nothing synchronizes with the host: the number of groups is bounded by M and emp
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.common import check_same_device, interpreter_enabled, resolve_backend
+
 _DEFAULT_EPS = 1e-8
 _BLOCK_R = 16  # rows of one group summed per step of the forward kernel
 _NUM_WARPS = 4
 
 
-def _interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _block_d(d: int) -> int:
     # The interpreter pays per op, not per element: one wide tile. On GPU 1024 fp32 per row tile is enough
     # to saturate bandwidth at num_warps=4 without spilling.
-    cap = 4096 if _interpreter_enabled() else 1024
+    cap = 4096 if interpreter_enabled() else 1024
     return min(triton.next_power_of_2(max(d, 1)), cap)
 
 
@@ -189,7 +186,7 @@ def hidden_align_loss(
     eps: float = _DEFAULT_EPS,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Hidden-Align loss over groups of anchor hidden states (spec section 4), without lambda.
+    """Hidden-Align loss over groups of anchor hidden states (docs/algorithms.md §4), without lambda.
 
     Args:
         anchor_hidden: [M, D] float (fp32/bf16/fp16/fp64), final-layer hidden state at the anchor token of
@@ -214,17 +211,10 @@ def hidden_align_loss(
         raise ValueError(f"hidden_align_loss: group_ids must be an int64 tensor of shape "
                          f"[{anchor_hidden.shape[0]}], got {getattr(group_ids, 'dtype', type(group_ids))} "
                          f"{tuple(getattr(group_ids, 'shape', ()))}")
-    if group_ids.device != anchor_hidden.device:
-        raise ValueError(f"hidden_align_loss: group_ids on {group_ids.device}, anchor_hidden on "
-                         f"{anchor_hidden.device}")
+    check_same_device("hidden_align_loss", anchor_hidden=anchor_hidden, group_ids=group_ids)
     if not eps > 0:
         raise ValueError(f"hidden_align_loss: eps must be > 0, got {eps}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if anchor_hidden.is_cuda else "torch"
-    if backend == "triton" and not anchor_hidden.is_cuda and not _interpreter_enabled():
-        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before import)")
+    backend = resolve_backend(backend, anchor_hidden.device, "hidden_align_loss")
     group_ids = group_ids.to(torch.int64)
     if anchor_hidden.shape[0] == 0 or anchor_hidden.shape[1] == 0:
         zero = (anchor_hidden.sum() * 0.0).to(torch.float32)

@@ -45,24 +45,21 @@ The "torch" backend holds a few [C, V] / [R, S] fp32 temporaries instead of one.
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.common import interpreter_enabled, resolve_backend
+
 IGNORE_INDEX = -100
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # The epilogue kernels are memory bound (one row per program, a loop over vocabulary tiles).
 # The interpreter cannot autotune several configs and is fastest with few, mid-sized tiles.
-if _interpreter_enabled():
+if interpreter_enabled():
     _CONFIGS = [triton.Config({"BLOCK_V": 512}, num_warps=1)]
 else:
     _CONFIGS = [
@@ -128,7 +125,7 @@ def _logprob_entropy_fwd_kernel(
 # Backward d logits: a 2-D grid over (row, vocabulary tile) of one [R, S] logits block, so small
 # row counts still fill the GPU. Elementwise and memory bound: one fixed config (no autotuning, which
 # would have to clone the in-place output on every tuning run).
-if _interpreter_enabled():
+if interpreter_enabled():
     _BWD_CONFIG = triton.Config({"BLOCK_V": 512}, num_warps=1)
 else:
     _BWD_CONFIG = triton.Config({"BLOCK_V": 1024}, num_warps=4)
@@ -250,7 +247,7 @@ def _bwd_epilogue_torch(logits, dlogits, targets, v_offset, lse, entropy, grad_l
     dlogits.copy_(dz)
 
 
-_EPILOGUES = {
+EPILOGUES = {
     "triton": (_fwd_epilogue_triton, _bwd_epilogue_triton),
     "torch": (_fwd_epilogue_torch, _bwd_epilogue_torch),
 }
@@ -282,7 +279,7 @@ def _logits_block(hidden_block: torch.Tensor, weight_slice: torch.Tensor) -> tor
     return torch.mm(hidden_block, weight_slice.T)
 
 
-def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, with acc in fp32 (or the operands' dtype) and a, b possibly 16-bit."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
@@ -349,11 +346,11 @@ def backward_blocks(n_tokens: int, vocab_size: int, dim: int, dtype: torch.dtype
 # ----------------------------------------------------------------------------------------------
 
 
-def _forward_chunks(hidden, weight, targets, inv_temp, with_entropy, chunk_size, backend):
+def forward_chunks(hidden, weight, targets, inv_temp, with_entropy, chunk_size, backend):
     """The forward pass over token chunks: allocates (logprob, entropy, lse) [N] and returns them with an
     iterator that, per chunk, computes the logits, runs the forward epilogue into those outputs and yields
     (start, end, logits) (the caller may reuse or drop the chunk's logits before the next one)."""
-    fwd_epilogue = _EPILOGUES[backend][0]
+    fwd_epilogue = EPILOGUES[backend][0]
     n_tokens = hidden.shape[0]
     stat_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logprob = torch.empty(n_tokens, dtype=stat_dtype, device=hidden.device)
@@ -375,7 +372,7 @@ def _forward_chunks(hidden, weight, targets, inv_temp, with_entropy, chunk_size,
 class _LogprobEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, inv_temp, with_entropy, chunk_size, vocab_chunk_size, backend):
-        (logprob, entropy, lse), chunks = _forward_chunks(hidden, weight, targets, inv_temp, with_entropy,
+        (logprob, entropy, lse), chunks = forward_chunks(hidden, weight, targets, inv_temp, with_entropy,
                                                           chunk_size, backend)
         for _ in chunks:
             pass
@@ -400,7 +397,7 @@ class _LogprobEntropyFunction(torch.autograd.Function):
         if (grad_logprob is None and grad_entropy is None) or not (need_hidden or need_weight):
             return no_grad
 
-        bwd_epilogue = _EPILOGUES[ctx.backend][1]
+        bwd_epilogue = EPILOGUES[ctx.backend][1]
         (n_tokens, dim), vocab = hidden.shape, weight.shape[0]
         rows, cols = backward_blocks(n_tokens, vocab, dim, hidden.dtype, need_hidden=need_hidden,
                                      chunk_size=ctx.chunk_size, vocab_chunk_size=ctx.vocab_chunk_size)
@@ -439,12 +436,12 @@ class _LogprobEntropyFunction(torch.autograd.Function):
                 if need_hidden:
                     if v0 == 0:
                         dh_acc.zero_()
-                    _addmm_(dh_acc, dlogits, weight_slice)
+                    addmm_(dh_acc, dlogits, weight_slice)
                 if need_weight:
                     if r0 == 0 and grad_weight.dtype == weight.dtype:
                         torch.mm(dlogits.T, hidden_block, out=grad_weight[v0:v1])
                     else:
-                        _addmm_(grad_weight[v0:v1], dlogits.T, hidden_block)
+                        addmm_(grad_weight[v0:v1], dlogits.T, hidden_block)
                 del dlogits
             if need_hidden and not wide:
                 grad_hidden[r0:r1].copy_(dh_acc)
@@ -453,20 +450,7 @@ class _LogprobEntropyFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        return "triton" if (device.type == "cuda" or _interpreter_enabled()) else "torch"
-    if backend == "triton" and device.type != "cuda" and not _interpreter_enabled():
-        raise RuntimeError(
-            f"backend='triton' needs CUDA tensors (got device {device}) or TRITON_INTERPRET=1 set before "
-            "kernels is imported; use backend='torch' or 'auto' on CPU"
-        )
-    return backend
-
-
-def _validate(hidden, weight, targets, temperature, chunk_size, vocab_chunk_size):
+def validate_inputs(hidden, weight, targets, temperature, chunk_size, vocab_chunk_size):
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden must be a 2-D [N, D] tensor, got {getattr(hidden, 'shape', type(hidden))}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -536,14 +520,14 @@ def fused_logprob_entropy(
             Peak extra memory with the defaults stays near the 768 MiB workspace; the bound per
             case is in the module docstring.
         backend: "triton" (fused Triton epilogues; CPU tensors only under TRITON_INTERPRET=1),
-            "torch" (the same chunked algorithm in plain torch), or "auto" (triton on CUDA or
-            under the interpreter, torch otherwise).
+            "torch" (the same chunked algorithm in plain torch), or "auto" (triton on CUDA, torch
+            otherwise, whatever TRITON_INTERPRET says; see kernels/common.py).
     Returns:
         (logprob [N] fp32, entropy [N] fp32), differentiable w.r.t. hidden and weight
         (float64 for float64 inputs, whose "torch" backend then computes everything in float64).
     """
-    _validate(hidden, weight, targets, temperature, chunk_size, vocab_chunk_size)
-    resolved = _resolve_backend(backend, hidden.device)
+    validate_inputs(hidden, weight, targets, temperature, chunk_size, vocab_chunk_size)
+    resolved = resolve_backend(backend, hidden.device, "fused_logprob_entropy")
     if hidden.shape[0] == 0:
         stat_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         empty = hidden.new_zeros(0, dtype=stat_dtype)

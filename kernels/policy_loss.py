@@ -1,5 +1,5 @@
 """Clipped-ratio policy loss with Near-boundary Stochastic Rescue (NSR), token level (PPO/GRPO/DAPO) and
-sequence level (GSPO). Spec: shared/specs/algorithms.md section 3.
+sequence level (GSPO). Spec: docs/algorithms.md §3.
 
 Per token, with r = exp(logprob - old_logprob), b_l = 1 - eps_low, b_h = 1 + eps_high (DAPO clip-higher):
     l = -min(r * A, clip(r, b_l, b_h) * A),  optional dual clip for A < 0: l = min(l, -c * A).
@@ -20,13 +20,14 @@ Forward and backward are fused: the forward pass writes the loss and d loss / d 
 backward only multiplies by the upstream gradient. Statistics are returned as 0-dim device tensors (counts
 for an all-reduce, and fractions), so nothing here synchronizes with the host.
 
-Backends: "triton" (the fused kernel; on CPU it runs only under TRITON_INTERPRET=1), "torch" (same math in
-plain PyTorch ops, with a bit-exact PyTorch Philox), "auto" = triton for CUDA tensors, torch otherwise
-(the interpreter is ~100x slower than the torch path on CPU, and the two give the same u and decisions).
+Backends (kernels/common.py): "triton" (the fused kernel; on CPU it runs only under TRITON_INTERPRET=1), "torch"
+(same math in plain PyTorch ops, with a bit-exact PyTorch Philox), "auto" = triton for CUDA tensors, torch
+otherwise (the interpreter is ~100x slower than the torch path on CPU, and the two give the same u and decisions).
+GSPO's sequence-level loss has no kernel of its own (its clip math runs once per sequence): both backends run
+its torch ops; `backend` is still resolved and validated, so a bad value fails the same way everywhere.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -35,6 +36,8 @@ import triton
 import triton.language as tl
 from triton.language.random import philox as _tl_philox
 from triton.language.random import uint_to_uniform_float as _tl_uint_to_uniform_float
+
+from kernels.common import resolve_backend
 
 NSR_RULES = ("off", "scaled", "band")
 _NSR_CODE = {"off": 0, "scaled": 1, "band": 2}
@@ -47,6 +50,12 @@ _BLOCK = 1024
 # (python -m kernels.compile_check); 8 warps compile without spills on triton 3.6 and 3.9.
 _NUM_WARPS = 8
 _M32 = 0xFFFFFFFF
+# Numerical guards (docs/algorithms.md, "Numerical guards"): the token log-ratio is clamped to
+# [-TOKEN_LOG_RATIO_MAX, TOKEN_LOG_RATIO_MAX] before exp (as verl), GSPO's sequence log-ratio to
+# [SEQ_LOG_RATIO_MIN, SEQ_LOG_RATIO_MAX]; the gradient is zero where a clamp binds, as autograd gives for clamp.
+TOKEN_LOG_RATIO_MAX = 20.0
+SEQ_LOG_RATIO_MIN, SEQ_LOG_RATIO_MAX = -20.0, 10.0
+_TOKEN_LOG_RATIO_MAX_TL = tl.constexpr(TOKEN_LOG_RATIO_MAX)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -107,7 +116,9 @@ def _policy_loss_fwd_kernel(
     b_adv = tl.load(p_adv + o_i, mask=m_i, other=0.0).to(tl.float32)
     b_valid = (tl.load(p_mask + o_i, mask=m_i, other=0) != 0) & m_i
 
-    b_r = tl.exp(b_logp - b_old)
+    b_lr = b_logp - b_old
+    b_in = (b_lr >= -_TOKEN_LOG_RATIO_MAX_TL) & (b_lr <= _TOKEN_LOG_RATIO_MAX_TL)  # the clamp passes gradient
+    b_r = tl.exp(tl.minimum(tl.maximum(b_lr, -_TOKEN_LOG_RATIO_MAX_TL), _TOKEN_LOG_RATIO_MAX_TL))
     b_upper = b_valid & (b_adv > 0) & (b_r > b_high)
     b_lower = b_valid & (b_adv < 0) & (b_r < b_low)
     b_active = b_upper | b_lower
@@ -143,7 +154,7 @@ def _policy_loss_fwd_kernel(
         b_w = tl.where(b_dual, 0.0, b_w)
     b_loss = tl.where(b_valid, b_loss, 0.0)
     # where() rather than w * (...) so an overflowed r (inf) on a zero-weight token gives 0, not NaN.
-    b_dlogp = tl.where(b_valid & (b_w > 0), -(b_w * b_r) * b_adv, 0.0)
+    b_dlogp = tl.where(b_valid & b_in & (b_w > 0), -(b_w * b_r) * b_adv, 0.0)
     tl.store(p_loss + o_i, b_loss, mask=m_i)
     tl.store(p_dlogp + o_i, b_dlogp, mask=m_i)
 
@@ -236,21 +247,14 @@ def _check_index(name: str, arg: str, index, shape, device) -> None:
                          f"{tuple(shape)} on {device}")
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before import)")
-    return backend
-
-
-def _clip_math(ratio, adv, valid, u, p: _ClipParams):
+def _clip_math(log_ratio, adv, valid, u, p: _ClipParams, lo: float, hi: float):
     """Torch twin of the kernel body (float32 in, float32 out): loss, d loss / d log ratio and counters.
 
-    ratio, adv, u: float32 [K]; valid: bool [K]; u may be None when p.nsr == 'off'.
-    The gradient is w.r.t. log ratio (= logprob for the token form and for GSPO's token form alike)."""
+    log_ratio, adv, u: float32 [K]; valid: bool [K]; u may be None when p.nsr == 'off'. The ratio is
+    exp(clamp(log_ratio, lo, hi)) and the gradient is zero where the clamp binds. The gradient is w.r.t. the
+    log ratio (= logprob for the token form and for GSPO's token form alike)."""
+    inside = (log_ratio >= lo) & (log_ratio <= hi)
+    ratio = torch.exp(log_ratio.clamp(lo, hi))
     upper = valid & (adv > 0) & (ratio > p.b_high)
     lower = valid & (adv < 0) & (ratio < p.b_low)
     active = upper | lower
@@ -274,7 +278,7 @@ def _clip_math(ratio, adv, valid, u, p: _ClipParams):
         w = torch.where(dual, torch.zeros_like(w), w)
     zero = torch.zeros_like(loss)
     loss = torch.where(valid, loss, zero)
-    dlogp = torch.where(valid & (w > 0), -(w * ratio) * adv, zero)
+    dlogp = torch.where(valid & inside & (w > 0), -(w * ratio) * adv, zero)
     return loss, dlogp, (valid, lower, upper, rescued, dual)
 
 
@@ -307,7 +311,7 @@ def _token_forward_triton(logprob, old_logprob, advantages, mask, token_index, p
 
 def _token_forward_torch(logprob, old_logprob, advantages, mask, token_index, p: _ClipParams):
     logp = logprob.reshape(-1).to(torch.float32)
-    ratio = torch.exp(logp - old_logprob.reshape(-1).to(torch.float32))
+    log_ratio = logp - old_logprob.reshape(-1).to(torch.float32)
     u = None
     if p.nsr != "off":
         if token_index is not None:
@@ -315,7 +319,8 @@ def _token_forward_torch(logprob, old_logprob, advantages, mask, token_index, p:
         else:
             index = p.offset + torch.arange(logp.numel(), dtype=torch.int64, device=logp.device)
         u = philox_uniform(p.seed, index, p.step)
-    loss, dlogp, flags = _clip_math(ratio, advantages.reshape(-1).to(torch.float32), mask.reshape(-1), u, p)
+    loss, dlogp, flags = _clip_math(log_ratio, advantages.reshape(-1).to(torch.float32), mask.reshape(-1), u, p,
+                                    -TOKEN_LOG_RATIO_MAX, TOKEN_LOG_RATIO_MAX)
     counts = torch.stack([f.sum(dtype=torch.int64) for f in flags])
     return loss, dlogp, counts
 
@@ -355,7 +360,7 @@ def clipped_policy_loss(
     token_index: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Token-level clipped-ratio policy loss with optional dual clip and NSR (spec section 3).
+    """Token-level clipped-ratio policy loss with optional dual clip and NSR (docs/algorithms.md §3).
 
     Args:
         logprob: [N] (or any shape S) float, log pi_theta of the taken tokens; the only input that gets a
@@ -384,7 +389,7 @@ def clipped_policy_loss(
     _check_token_inputs("clipped_policy_loss", logprob, old_logprob, advantages, mask)
     _check_index("clipped_policy_loss", "token_index", token_index, logprob.shape, logprob.device)
     p = _make_params(eps_low, eps_high, dual_clip, nsr, nsr_prob, nsr_band, seed, offset, step)
-    impl = _resolve_backend(backend, logprob.device)
+    impl = resolve_backend(backend, logprob.device, "clipped_policy_loss")
     with torch.no_grad():
         if impl == "triton":
             loss, dlogp, counts = _token_forward_triton(
@@ -411,8 +416,9 @@ def gspo_policy_loss(
     offset: int = 0,
     step: int = 0,
     seq_index: Optional[torch.Tensor] = None,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """GSPO sequence-level clipped loss (Zheng et al. 2025, token form; spec section 3), with NSR on s_i.
+    """GSPO sequence-level clipped loss (Zheng et al. 2025, token form; docs/algorithms.md §3), with NSR on s_i.
 
     s_i = exp(sum_t M log r_{i,t} / sum_t M); per token log s_{i,t} = sg[log s_i] + logp_{i,t} - sg[logp_{i,t}],
     so s_{i,t} = s_i in value and d s_{i,t} / d logp_{i,t} = s_i; l_{i,t} = -min(s A_i, clip(s, 1-eps_low,
@@ -424,6 +430,7 @@ def gspo_policy_loss(
         logprob, old_logprob, advantages: [N] float (packed sequences); mask: [N] bool.
         cu_seqlens: [B + 1] int, cumulative sequence starts (cu_seqlens[0] = 0, cu_seqlens[-1] = N).
         seq_index: optional [B] int64 global sequence counters; NSR then uses offset + seq_index[i].
+        backend: "auto" | "triton" | "torch", validated as everywhere; the per-sequence math is torch ops for all.
         Other arguments as in clipped_policy_loss.
 
     Returns:
@@ -433,6 +440,7 @@ def gspo_policy_loss(
             seq_n_clip_low, seq_n_clip_high, seq_n_rescued.
     """
     _check_token_inputs("gspo_policy_loss", logprob, old_logprob, advantages, mask)
+    resolve_backend(backend, logprob.device, "gspo_policy_loss")
     if logprob.dim() != 1:
         raise ValueError(f"gspo_policy_loss: logprob must be 1-D (packed), got shape {tuple(logprob.shape)}")
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 \
@@ -459,7 +467,8 @@ def gspo_policy_loss(
         if p.nsr != "off":
             index = seq_index if seq_index is not None else torch.arange(n_seq, dtype=torch.int64, device=dev)
             u = philox_uniform(p.seed, p.offset + index, p.step)
-        loss_seq, dlogp_seq, flags = _clip_math(torch.exp(log_s), adv_seq, tok_count > 0, u, p)
+        loss_seq, dlogp_seq, flags = _clip_math(log_s, adv_seq, tok_count > 0, u, p, SEQ_LOG_RATIO_MIN,
+                                                SEQ_LOG_RATIO_MAX)
         loss = torch.where(mask, loss_seq[seq], torch.zeros((), device=dev))
         dlogp = torch.where(mask, dlogp_seq[seq], torch.zeros((), device=dev))
         tokens_of = tok_count.to(torch.int64)

@@ -33,14 +33,8 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.logprob_entropy import (
-    _EPILOGUES,
-    _addmm_,
-    _forward_chunks,
-    _resolve_backend,
-    _validate,
-    default_chunk_size,
-)
+from kernels.common import resolve_backend
+from kernels.logprob_entropy import EPILOGUES, addmm_, default_chunk_size, forward_chunks, validate_inputs
 
 TokenLossFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
@@ -67,8 +61,8 @@ class _TokenLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, loss_fn, inv_temp, with_entropy, chunk_size, fp32_acc, backend,
                 need_hidden, need_weight):
-        bwd_epilogue = _EPILOGUES[backend][1]
-        (logprob, entropy, lse), chunks = _forward_chunks(hidden, weight, targets, inv_temp, with_entropy,
+        bwd_epilogue = EPILOGUES[backend][1]
+        (logprob, entropy, lse), chunks = forward_chunks(hidden, weight, targets, inv_temp, with_entropy,
                                                           chunk_size, backend)
         total = torch.zeros((), dtype=logprob.dtype, device=hidden.device)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -95,7 +89,7 @@ class _TokenLossFunction(torch.autograd.Function):
             if need_hidden:
                 torch.mm(dlogits, weight, out=grad_hidden[start:end])
             if need_weight:
-                _addmm_(grad_weight, dlogits.T, hidden[start:end])
+                addmm_(grad_weight, dlogits.T, hidden[start:end])
             del dlogits
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
@@ -149,10 +143,10 @@ def fused_token_loss(
         metrics). Backward costs two elementwise scalings: the three GEMMs all ran in the forward, so
         its peak memory includes the held gradients of hidden and weight.
     """
-    _validate(hidden, weight, targets, temperature, chunk_size, None)
+    validate_inputs(hidden, weight, targets, temperature, chunk_size, None)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (logprob, entropy, start, end) -> scalar, got {type(loss_fn)}")
-    resolved = _resolve_backend(backend, hidden.device)
+    resolved = resolve_backend(backend, hidden.device, "fused_token_loss")
     need_hidden = hidden.requires_grad and torch.is_grad_enabled()
     need_weight = weight.requires_grad and torch.is_grad_enabled()
     return _TokenLossFunction.apply(

@@ -1,4 +1,4 @@
-"""Advantage estimators, EDAS, dynamic sampling and FIPO against hand-computed numbers (spec 1 and 5)."""
+"""Advantage estimators, EDAS, dynamic sampling and FIPO against hand-computed numbers (docs/algorithms.md §1 and §5)."""
 import io
 import math
 
@@ -30,14 +30,44 @@ def test_grpo_population_and_sample_std():
     #          -> A = (2/3) / (sqrt(2)/3) = sqrt(2), (-1/3) / (sqrt(2)/3) = -1/sqrt(2)   (eps negligible)
     r = T([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
     g = T([0, 0, 0, 0, 1, 1, 1])
-    a = compute_advantages(r, g, "grpo")
+    a = compute_advantages(r, g, "grpo", std_unbiased=False)
     h = 0.5 / (0.5 + 1e-6)
     close(a[:4], [h, -h, -h, h])
     close(a[4:], [math.sqrt(2), -1 / math.sqrt(2), -1 / math.sqrt(2)], 1e-5)
     # sample std of group 0: sqrt(4 * 0.25 / 3) = sqrt(1/3) -> A = 0.5 / sqrt(1/3) = 0.8660254
     a_s = compute_advantages(r, g, "grpo", std_unbiased=True)
     close(a_s[:4], [0.8660254, -0.8660254, -0.8660254, 0.8660254], 1e-5)
+    # group 1, sample std: var = (4/9 + 2/9) / 2 = 1/3 -> A = (2/3) * sqrt(3) = 1.1547005, (-1/3) * sqrt(3) = -0.5773503
+    close(a_s[4:], [1.1547005, -0.5773503, -0.5773503], 1e-5)
+    assert torch.equal(compute_advantages(r, g, "grpo"), a_s)  # the default divides by G - 1, as verl and TRL
     assert a.dtype == r.dtype
+
+
+def test_grpo_std_unbiased_pairs_of_two():
+    # G = 2, R = [1, 0]: mean 0.5; population std 0.5 -> A = +-1; sample std sqrt(0.5) -> A = +-0.5 / sqrt(0.5)
+    # = +-0.7071068: the two conventions differ by sqrt(G / (G - 1)) = sqrt(2) = 1.41x.
+    r, g = T([1.0, 0.0]), T([0, 0])
+    pop = compute_advantages(r, g, "grpo", eps=0.0, std_unbiased=False)
+    sample = compute_advantages(r, g, "grpo", eps=0.0, std_unbiased=True)
+    close(pop, [1.0, -1.0])
+    close(sample, [0.7071068, -0.7071068], 1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["drgrpo", "rloo"])
+def test_std_convention_leaves_drgrpo_and_rloo_exact(estimator):
+    r = T([1.0, 0.0, 0.0, 1.0, 0.5, 0.0])
+    g = T([0, 0, 0, 1, 1, 1])
+    assert torch.equal(compute_advantages(r, g, estimator, std_unbiased=True),
+                       compute_advantages(r, g, estimator, std_unbiased=False))
+
+
+def test_drgrpo_aggregation_pairing_is_announced():
+    from grpo_core.advantages import aggregation_notice
+
+    note = aggregation_notice("drgrpo", "token-mean")
+    assert note is not None and "seq-sum-constant" in note and "token-mean" in note
+    assert aggregation_notice("drgrpo", "seq-sum-constant") is None
+    assert aggregation_notice("grpo", "token-mean") is None
 
 
 def test_drgrpo_and_rloo():

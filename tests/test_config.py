@@ -95,3 +95,61 @@ def test_every_recipe_loads(recipe):
     assert cfg.trainer.max_steps > 0 and cfg.trainer.output_dir
     ds = deepspeed_config(cfg, world_size=8, use_cuda=cfg.trainer.device == "cuda")
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
+
+
+def test_empty_config_file_is_refused(tmp_path):
+    """An empty recipe used to start a 100-step default job in runs/default."""
+    for text in ("", "# only a comment\n", "\n\n"):
+        f = tmp_path / "empty.yaml"
+        f.write_text(text)
+        with pytest.raises(ConfigError, match="is empty"):
+            load_config(f)
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("trainer:\n  lr: 1.0e-5\n  max_steps: 3\n  lr: 2.0e-5\n")
+    with pytest.raises(ConfigError, match=r"line 4: duplicate key 'lr' \(first set on line 2\)"):
+        load_config(f)
+    f.write_text("trainer:\n  lr: 1.0e-5\nmodel: {}\ntrainer:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match="duplicate key 'trainer'"):
+        load_config(f)
+    f.write_text("trainer:\n  lr: [1\n")
+    with pytest.raises(ConfigError, match="line 3 is not valid YAML"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("trainer.max_step=3", "did you mean trainer.max_steps?"),
+    ("trainer.maxsteps=3", "did you mean trainer.max_steps?"),
+    ("rollout.temprature=0.7", "did you mean rollout.temperature?"),
+    ("trainer.keep_last=3", "did you mean checkpoint.keep_last?"),  # right name, wrong section
+    ("trainer.save_evry=3", "did you mean checkpoint.save_every?"),
+    ("trainr.lr=1", "did you mean trainer?"),
+    ("trainer.zzz=1", "known keys here: max_steps, output_dir"),
+])
+def test_unknown_key_suggests_the_nearest(override, suggestion, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert suggestion in str(e.value)
+    f = tmp_path / "r.yaml"  # the same from a recipe file
+    key, value = override.split("=")
+    section, _, leaf = key.partition(".")
+    f.write_text(f"{section}:\n  {leaf}: {value}\n" if leaf else f"{section}: {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert suggestion in str(e.value)
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("rollout.temperature=0", "rollout.temperature", "must be > 0"),
+    ("trainer.grad_clip=-1", "trainer.grad_clip", "must be >= 0"),  # was reported as trainer.warmup_steps
+    ("trainer.eval_every=-1", "trainer.eval_every", "must be >= 0"),
+    ("trainer.lr=1e6", "trainer.lr", "must be in (0, 1]"),
+    ("warm_start.lr=50", "warm_start.lr", "must be in (0, 1]"),
+    ("trainer.max_consecutive_skips=0", "trainer.max_consecutive_skips", "must be >= 1"),
+])
+def test_ranges_name_the_right_key(override, key, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(f"config key '{key}': {words}")

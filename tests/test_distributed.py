@@ -38,14 +38,21 @@ def _env(**extra):
     return env
 
 
-def _train(out: Path, *extra, nproc: int = 1, env_extra=None, check=True):
-    args = ["configs/demo_cpu.yaml"] + sum((["--set", s] for s in TINY + [f"trainer.output_dir={out}"]
-                                            + list(extra)), [])
+def _train_cmd(out: Path, *extra, nproc: int = 1, script=None) -> list[str]:
+    """`grpo train` on the tiny recipe; `extra` holds KEY=VALUE overrides and flags (--resume auto, ...)."""
+    sets = [s for s in extra if not s.startswith("--") and "=" in s]
+    flags = [s for s in extra if s not in sets]
+    args = ["configs/demo_cpu.yaml"] + sum((["--set", s] for s in TINY + [f"trainer.output_dir={out}"] + sets),
+                                           []) + flags
+    entry = [script] if script else ["-m", "grpo_core"]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "grpo_core", "train"] + args
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), "-m", "grpo_core", "train"] + args
+        return [sys.executable] + entry + ["train"] + args
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(_free_port())] + entry + ["train"] + args
+
+
+def _train(out: Path, *extra, nproc: int = 1, env_extra=None, check=True, script=None):
+    cmd = _train_cmd(out, *extra, nproc=nproc, script=script)
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(**(env_extra or {})), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -89,37 +96,40 @@ def test_two_ranks_match_one_rank(tmp_path, fused):
 
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_exact(tmp_path):
-    """A run SIGKILLed after step 3 (checkpoint at step 2) and resumed with --resume auto reaches the same
-    weights and metrics as an uninterrupted run, bit for bit."""
-    common = ["trainer.max_steps=4", "checkpoint.save_every=2", "checkpoint.keep_last=3"]
+    """A run SIGKILLed after step 3 (checkpoints at steps 1, 2, 3), whose newest checkpoint then loses 4 bytes
+    to disk damage, resumes with --resume auto from step 2 (saying it skipped step 3 and why) and reaches the
+    same weights and metrics as an uninterrupted run, bit for bit."""
+    common = ["trainer.max_steps=4", "checkpoint.save_every=1", "checkpoint.keep_last=3"]
     _train(tmp_path / "straight", *common)
-    killed = _train(tmp_path / "resumed", *common, env_extra={"GRPO_FAULT_INJECT": "kill_after_step=3"},
-                    check=False)
-    assert killed.returncode != 0  # SIGKILL
-    assert find_checkpoint(tmp_path / "resumed", "auto").name == "step_000002"
-    proc = subprocess.run([sys.executable, "-m", "grpo_core", "train", "configs/demo_cpu.yaml", "--resume", "auto"]
-                          + sum((["--set", s] for s in TINY + common + [f"trainer.output_dir={tmp_path / 'resumed'}"]),
-                                []), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "resumed from" in proc.stdout
+    killed = _train(tmp_path / "resumed", *common, env_extra={"GRPO_TEST_KILL_AFTER_STEP": "3"}, check=False,
+                    script=str(ROOT / "tests" / "fault_run.py"))
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL
+    root = tmp_path / "resumed" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000001", "step_000002", "step_000003"]
+    optim = next((root / "step_000003" / "ds").rglob("*optim_states.pt"))
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 4])
+    optim.write_bytes(bytes(data))
+    proc = _train(tmp_path / "resumed", *common, "--resume", "auto")
+    assert "resumed from" in proc.stdout and "step_000002 at step 2" in proc.stdout
+    assert "skipped step_000003" in proc.stdout and "optim_states.pt fails its sha256 check" in proc.stdout
     wa, wb = _final_weights(tmp_path / "straight", 4), _final_weights(tmp_path / "resumed", 4)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert _train_rows(tmp_path / "straight") == _train_rows(tmp_path / "resumed")
+    assert (root / "latest").read_text() == "step_000004"
+    assert find_checkpoint(tmp_path / "resumed", "auto").name == "step_000004"
+    assert [p.name for p in root.glob("step_000003.replaced-*")]  # the damaged one is kept aside, not deleted
 
 
 @pytest.mark.slow
 def test_resume_with_changed_config_is_refused(tmp_path):
     _train(tmp_path, "trainer.max_steps=1")
-    args = ["configs/demo_cpu.yaml", "--resume", "auto"] + sum(
-        (["--set", s] for s in TINY + [f"trainer.output_dir={tmp_path}", "trainer.max_steps=3", "trainer.lr=1e-1"]), [])
-    proc = subprocess.run([sys.executable, "-m", "grpo_core", "train"] + args, cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
-    assert "trainer.lr" in proc.stderr and "--force" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "grpo_core", "train"] + args + ["--force"], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _train(tmp_path, "trainer.max_steps=3", "trainer.lr=1e-1", "--resume", "auto", check=False)
+    assert proc.returncode == 2
+    line, = proc.stderr.strip().splitlines()[-1:]
+    assert "trainer.lr" in line and "--force" in line and "Traceback" not in proc.stderr
+    _train(tmp_path, "trainer.max_steps=3", "trainer.lr=1e-1", "--resume", "auto", "--force")
 
 
 class _FakeEngine:
@@ -129,54 +139,147 @@ class _FakeEngine:
             f.write(b"x" * 100)
 
 
-def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import grpo_core.checkpoint as ckpt_mod
+
     state = {"step": 1}
-    save_checkpoint(tmp_path, 1, engine=_FakeEngine(), trainer_state=state, rank=0, export_hf=None, keep_last=2)
+    save_checkpoint(tmp_path, 1, engine=_FakeEngine(), trainer_state=state, rank=0, export_hf=None, keep_last=2,
+                    run_id="r1")
     assert find_checkpoint(tmp_path, "auto").name == "step_000001"
 
-    def crash(stage):
-        if stage == "before_complete":
-            raise RuntimeError("simulated crash")
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash")
 
-    with pytest.raises(RuntimeError, match="simulated"):
-        save_checkpoint(tmp_path, 2, engine=_FakeEngine(), trainer_state={"step": 2}, rank=0, export_hf=None,
-                        keep_last=2, crash_hook=crash)
+    with monkeypatch.context() as m:  # killed while writing the manifest (the last file)
+        m.setattr(ckpt_mod, "write_manifest", crash)
+        with pytest.raises(RuntimeError, match="simulated"):
+            save_checkpoint(tmp_path, 2, engine=_FakeEngine(), trainer_state={"step": 2}, rank=0, export_hf=None,
+                            keep_last=2, run_id="r1")
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text() == "step_000001"
     assert not (root / "step_000002").exists()
     assert find_checkpoint(tmp_path, "auto").name == "step_000001"
 
-    def crash_late(stage):  # renamed into place but `latest` not yet updated: the complete one is still found
-        if stage == "before_latest":
-            raise RuntimeError("simulated crash")
-
-    with pytest.raises(RuntimeError):
-        save_checkpoint(tmp_path, 3, engine=_FakeEngine(), trainer_state={"step": 3}, rank=0, export_hf=None,
-                        keep_last=2, crash_hook=crash_late)
+    with monkeypatch.context() as m:  # renamed into place but `latest` not yet updated
+        m.setattr(ckpt_mod, "_atomic_write_text", crash)
+        with pytest.raises(RuntimeError):
+            save_checkpoint(tmp_path, 3, engine=_FakeEngine(), trainer_state={"step": 3}, rank=0, export_hf=None,
+                            keep_last=2, run_id="r1")
     assert (root / "latest").read_text() == "step_000001"  # the pointer lags ...
     assert find_checkpoint(tmp_path, "auto").name == "step_000003"  # ... but the newest complete one wins
     # a new successful save cleans stale temporaries and keeps the last 2
-    save_checkpoint(tmp_path, 4, engine=_FakeEngine(), trainer_state={"step": 4}, rank=0, export_hf=None, keep_last=2)
+    save_checkpoint(tmp_path, 4, engine=_FakeEngine(), trainer_state={"step": 4}, rank=0, export_hf=None, keep_last=2,
+                    run_id="r1")
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000003", "step_000004"]
     assert not list(root.glob(".tmp-*"))
     assert (root / "step_000004" / COMPLETE).exists()
+    assert (root / "latest").read_text() == "step_000004"
 
 
-def test_stale_extension_build_lock_fails_fast(tmp_path, monkeypatch, capsys):
-    """A lock left by a killed DeepSpeed op build makes every later run hang: name it and the fix instead."""
-    import os
+def test_extension_build_locks_never_hang(tmp_path, monkeypatch, capsys):
+    """A lock left by a killed torch-extension build made every later run wait forever: a stale one is named
+    with the fix at once, a young one is waited on for a bounded time, and the shm_comm op (never built now)
+    is ignored."""
     import time
 
-    from grpo_core.distributed import LaunchError, check_extension_build_locks
+    from grpo_core.distributed import SHM_COMM_OP, LaunchError, check_extension_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     check_extension_build_locks()  # no locks: nothing happens
-    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock = tmp_path / "py311_cpu" / "cpu_adam" / "lock"
     lock.parent.mkdir(parents=True)
     lock.touch()
-    check_extension_build_locks()  # fresh: maybe another rank building right now
-    assert "waiting for a build of 'deepspeed_shm_comm'" in capsys.readouterr().err
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError, match=r"cpu_adam/lock .*rm "):
+        check_extension_build_locks(wait_s=0.3, poll_s=0.05)  # young, but still there after the bounded wait
+    assert time.monotonic() - t0 < 5
+    assert "waiting up to 0 s for a build of 'cpu_adam'" in capsys.readouterr().err
     old = time.time() - 3600
     os.utime(lock, (old, old))
-    with pytest.raises(LaunchError, match=r"stale torch-extension build lock .*deepspeed_shm_comm/lock .*rm "):
-        check_extension_build_locks()
+    with pytest.raises(LaunchError, match=r"60 min old"):
+        check_extension_build_locks()  # stale: at once, no wait
+    shm = tmp_path / "py311_cpu" / SHM_COMM_OP / "lock"
+    shm.parent.mkdir()
+    shm.touch()
+    lock.unlink()
+    check_extension_build_locks(ignore=(SHM_COMM_OP,))  # an op this run does not build
+
+
+def test_deepspeed_does_not_build_the_shm_op(tmp_path):
+    """ZeRO-3 over gloo needs no compiled op: init_distributed starts in seconds with an empty extension dir
+    (the shm_comm build took 2-4 minutes on a fresh machine)."""
+    code = ("import sys; from grpo_core.distributed import init_distributed; init_distributed('cpu'); "
+            "assert sys.modules['deepspeed.comm.torch'].build_shm_op() is None")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "ext").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_saves_and_resumes(tmp_path):
+    """SIGTERM (what SLURM and Kubernetes send to every process before killing) to a 2-rank torchrun job: both
+    ranks finish the current step, save a checkpoint, write the summary and exit with code 75 and one line, no
+    traceback; --resume auto then carries the run to its end."""
+    import signal
+    import time
+
+    from grpo_core.checkpoint import verify_checkpoint
+
+    out = tmp_path / "run"
+    cmd = _train_cmd(out, "trainer.max_steps=40", "checkpoint.save_every=0", "algorithm.hidden_align_coef=0",
+                     nproc=2)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 500
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+            if any('"phase": "train"' in r for r in rows):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)  # every process of the job: the launcher and both ranks
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun's own agent prints a traceback for the SIGTERM it got (SignalException); no frame is ours
+    assert 'grpo_core/' not in stderr and "KeyboardInterrupt" not in stderr, stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and 1 <= summary["steps"] < 40, summary
+    step = summary["steps"]
+    assert f"grpo train: stopped by SIGTERM after step {step}; saved {out / 'checkpoints' / f'step_{step:06d}'}" \
+        in stderr, stderr[-3000:]
+    assert proc.returncode != 0  # torchrun reports the stopped workers (each exited 75)
+    ckpt = find_checkpoint(out, "auto")
+    assert ckpt.name == f"step_{step:06d}" and verify_checkpoint(ckpt) is None
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if r["phase"] == "train") == step
+    _train(out, f"trainer.max_steps={step + 1}", "checkpoint.save_every=0", "algorithm.hidden_align_coef=0",
+           "--resume", "auto", nproc=2)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["phase"] == "train"] == list(range(1, step + 2))
+    assert json.loads((out / "summary.json").read_text())["steps"] == step + 1
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 75), ("SIGINT", 130)])
+def test_signal_single_process_exit_code(tmp_path, sig, code):
+    """Without a launcher the exit code is the run's own: 75 after SIGTERM, 130 after Ctrl-C (SIGINT to the
+    whole process group, as a terminal sends it), with one line and no traceback."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = _train_cmd(out, "trainer.max_steps=40", "checkpoint.save_every=0", "warm_start.steps=0",
+                     "trainer.eval_max_prompts=1", "checkpoint.export_hf=false")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    os.killpg(proc.pid, getattr(signal, sig))
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr and f"grpo train: stopped by {sig} after step" in stderr
+    assert json.loads((out / "summary.json").read_text())["stopped_by"] == sig

@@ -19,7 +19,7 @@ from grpo_core.evaluate import (
 )
 
 LN2 = math.log(2.0)
-METRIC_KEYS = {"prompts", "samples_per_prompt", "greedy_accuracy", "response_len/mean", "truncation_rate",
+METRIC_KEYS = {"prompts", "samples_per_prompt", "greedy_accuracy", "response_len/mean", "response_len/truncated_frac",
                "eas/mean_bits", "eas/corr_with_correct"}
 
 
@@ -66,7 +66,7 @@ def test_lengths_truncation_greedy_and_eas_correlation():
     out = summarize(recs, [1])
     assert out["greedy_accuracy"] == pytest.approx(0.5)
     assert out["response_len/mean"] == pytest.approx(4.0)
-    assert out["truncation_rate"] == pytest.approx(0.25)
+    assert out["response_len/truncated_frac"] == pytest.approx(0.25)
     assert out["eas/mean_bits"] == pytest.approx(2.5)
     assert out["eas/corr_with_correct"] == pytest.approx(2 / math.sqrt(5))  # Pearson by hand: 0.894427
     # all responses equally correct: the correlation is undefined, not a number
@@ -183,7 +183,7 @@ def test_grpo_eval_end_to_end(tiny_eval_inputs, capsys):
     for src, vals in report.items():
         assert set(vals) == METRIC_KEYS | {f"{m}@{k}" for m in ("pass", "avg", "maj") for k in (1, 2)}, src
         assert vals["samples_per_prompt"] == 2
-        for key in ("pass@1", "pass@2", "avg@2", "maj@2", "greedy_accuracy", "truncation_rate"):
+        for key in ("pass@1", "pass@2", "avg@2", "maj@2", "greedy_accuracy", "response_len/truncated_frac"):
             assert 0.0 <= vals[key] <= 1.0
         assert 1 <= vals["response_len/mean"] <= 8
         # random tiny model over a 101-token vocabulary: each token carries up to log2(101) = 6.66 bits

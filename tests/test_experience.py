@@ -1,9 +1,11 @@
-"""grpo_core.experience.plan_micro_batches: token budget, whole groups, Hidden-Align samples kept together."""
-from grpo_core.experience import Group, Sample, plan_micro_batches
+"""grpo_core.packing: plan_micro_batches (token budget, whole groups, Hidden-Align samples kept together) and the
+packed streams (positions, cu_seqlens, response positions, global token ids)."""
+from grpo_core.experience import Group, Response
+from grpo_core.packing import plan_micro_batches
 
 
 def _group(index, lengths, correct=()):
-    samples = [Sample(group_index=index, sample_index=i, prompt_ids=[1] * 4, response_ids=[2] * (n - 4),
+    samples = [Response(group_index=index, sample_index=i, prompt_ids=[1] * 4, response_ids=[2] * (n - 4),
                       rollout_logprobs=[0.0] * (n - 4), reward=float(i in correct), correct=i in correct,
                       anchor=0 if i in correct else None)
                for i, n in enumerate(lengths)]
@@ -37,3 +39,62 @@ def test_long_sequence_alone_and_no_empty_micro_batches():
     # The anchored samples (125 tokens) cannot fit one micro-batch: plain first fit, the long one alone.
     assert _ids(plans) == [[(0, 0)], [(1, 0)], [(1, 1)]]
     assert all(plans)
+
+
+# --- packed streams ------------------------------------------------------------------------------------------
+
+def test_pack_sequences_positions_and_targets():
+    import torch
+
+    from grpo_core.packing import pack_sequences
+
+    p = pack_sequences([[5, 6], [7], [8, 9, 10]], [[1, 2, 3], [], [4]])
+    assert p.input_ids.tolist() == [[5, 6, 1, 2, 3, 7, 8, 9, 10, 4]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 0, 1, 2, 3]]
+    assert p.cu_seqlens.tolist() == [0, 5, 6, 10] and p.cu_seqlens.dtype == torch.int32
+    # the hidden state at prompt_end - 1 + t predicts response token t
+    assert p.response_positions.tolist() == [1, 2, 3, 8]
+    assert p.targets.tolist() == [1, 2, 3, 4]
+    assert p.input_ids[0, p.response_positions + 1].tolist() == p.targets.tolist()
+    assert p.response_cu.tolist() == [0, 3, 3, 4] and p.seq_ids.tolist() == [0, 0, 0, 2]
+
+
+def test_plan_sequences_budget():
+    from grpo_core.packing import plan_sequences
+
+    assert plan_sequences([3, 4, 2, 9, 1], max_tokens=7) == [[0, 1], [2], [3], [4]]
+
+
+def test_micro_batch_global_ids_do_not_depend_on_packing():
+    """Token id = (group * G + sample) * max_new_tokens + t: unique, and the same whatever the micro-batch split."""
+    from grpo_core.packing import build_micro_batch, padding_micro_batch
+
+    groups = [_group(0, [6, 7], correct=(1,)), _group(1, [5, 9], correct=(0, 1))]
+    responses = [r for g in groups for r in g.samples]
+    whole = build_micro_batch(responses, group_size=2, max_response_len=8, with_anchors=True)
+    ids = {}
+    for r, s, e in zip(responses, whole.response_cu[:-1].tolist(), whole.response_cu[1:].tolist()):
+        ids[(r.group_index, r.sample_index)] = whole.token_index[s:e].tolist()
+    assert ids[(0, 0)] == [0, 1] and ids[(0, 1)] == [8, 9, 10] and ids[(1, 0)] == [16] and ids[(1, 1)] == [24, 25, 26, 27, 28]
+    assert whole.seq_index.tolist() == [0, 1, 2, 3]
+    for r in responses:  # one micro-batch per response: the same ids
+        alone = build_micro_batch([r], group_size=2, max_response_len=8, with_anchors=True)
+        assert alone.token_index.tolist() == ids[(r.group_index, r.sample_index)]
+    # anchors: stream position of prompt_end + anchor (0 here) for correct responses, with their group
+    assert whole.anchor_groups.tolist() == [0, 1, 1]
+    assert whole.anchor_positions.tolist() == [6 + 4, 13 + 4, 18 + 4]
+    assert whole.advantages.numel() == whole.mask.numel() == whole.targets.numel() == 11
+    pad = padding_micro_batch(0)
+    assert pad.is_padding and not pad.mask.any() and pad.num_sequences == 0
+
+
+def test_micro_batch_rejects_out_of_range_ids():
+    import pytest
+
+    from grpo_core.packing import build_micro_batch
+
+    g = _group(0, [6, 7])
+    with pytest.raises(ValueError, match="outside a group of 1"):
+        build_micro_batch(g.samples, group_size=1, max_response_len=8, with_anchors=False)
+    with pytest.raises(ValueError, match="longer than max_response_len=2"):
+        build_micro_batch(g.samples, group_size=2, max_response_len=2, with_anchors=False)

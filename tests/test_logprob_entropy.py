@@ -174,9 +174,21 @@ def test_frozen_weight_and_empty_batch(backend):
 
 
 def test_backend_resolution(monkeypatch):
-    assert lpe._resolve_backend("auto", torch.device("cpu")) == "triton"  # interpreter is on in tests
+    from kernels.common import backend_summary, resolve_backend
+
+    # "auto" on CPU is the torch path even with the interpreter on (issue 20: an exported TRITON_INTERPRET=1
+    # must not turn a CPU run into a 10x slower interpreter run); "triton" asks for the interpreter.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("triton", torch.device("cpu")) == "triton"
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert backend_summary("auto", torch.device("cpu")) == {
+        "lm_head": "torch", "policy_loss": "torch", "gspo_loss": "torch", "hidden_align": "torch"}
+    assert backend_summary("triton", torch.device("cpu"))["lm_head"] == "triton-interpreter"
+    with pytest.raises(ValueError, match="model.kernel_backend: backend must be one of"):
+        backend_summary("cuda", torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert lpe._resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         fused_logprob_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), backend="triton")
 

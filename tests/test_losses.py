@@ -1,4 +1,4 @@
-"""Loss aggregation split invariance, KL terms, policy objective and TIS (spec 3)."""
+"""Loss aggregation split invariance, KL terms, policy objective and TIS (docs/algorithms.md §3)."""
 import math
 import os
 import socket
@@ -15,8 +15,6 @@ from grpo_core.losses import (
     aggregation_weights,
     backward_scale,
     kl_penalty,
-    logprob_mismatch_stats,
-    policy_objective,
     tis_weights,
 )
 
@@ -133,22 +131,97 @@ def test_kl_penalty_values():
         kl_penalty(lp, lp, "k2")
 
 
-def test_policy_objective_combines_terms():
-    lengths, seq_ids, mask, feats = _batch(seed=1)
-    w = torch.randn(feats.shape[1], dtype=torch.float64, requires_grad=True)
-    pg, ent, kl = _loss_fn(w, feats), torch.sigmoid(feats @ w), 0.1 * (feats @ w) ** 2
-    norm = LossNormalizer.from_step([mask], [seq_ids], GEN_MAX)
-    mode = "seq-mean-token-mean"
-    total, metrics = policy_objective(pg, mask, seq_ids, mode, norm, entropy=ent, entropy_coef=0.01,
-                                      kl=kl, kl_coef=0.5)
-    expected = (aggregate(pg, mask, seq_ids, mode, norm) - 0.01 * aggregate(ent, mask, seq_ids, mode, norm)
-                + 0.5 * aggregate(kl, mask, seq_ids, mode, norm))
+def _objective_batch(seed=3):
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = [3, 5, 1, 4]
+    n = sum(lengths)
+    seq_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    cu = torch.tensor([0, 3, 8, 9, 13])
+    mask = torch.rand(n, generator=g) > 0.2
+    old = -torch.rand(n, generator=g) * 2
+    adv_seq = torch.randn(len(lengths), generator=g)
+    mb = SimpleNamespace(mask=mask, seq_ids=seq_ids, advantages=adv_seq[seq_ids], old_logprob=old,
+                         rollout_logprob=old + 0.01, ref_logprob=old - 0.1, token_index=torch.arange(n) + 100,
+                         seq_index=torch.arange(len(lengths)) + 7, response_cu=cu,
+                         anchor_groups=torch.zeros(0, dtype=torch.long))
+    logprob = (old + 0.3 * torch.randn(n, generator=g)).requires_grad_()
+    entropy = torch.rand(n, generator=g).requires_grad_()
+    return mb, logprob, entropy
+
+
+def _algo(**kw):
+    from grpo_core.config import AlgorithmConfig
+
+    a = AlgorithmConfig(**kw)
+    a.validate("algorithm")
+    return a
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_policy_objective_is_the_formula(mode):
+    """PolicyObjective = agg(l) - c_H agg(H) + c_KL agg(kl) with l from kernels.clipped_policy_loss (NSR on)."""
+    from kernels import clipped_policy_loss
+
+    from grpo_core.losses import PolicyObjective
+
+    mb, logprob, entropy = _objective_batch()
+    norm = LossNormalizer.from_step([mb.mask], [mb.seq_ids], GEN_MAX)
+    a = _algo(loss_agg=mode, entropy_coef=0.01, kl_coef=0.5, nsr="scaled")
+    obj = PolicyObjective(a, seed=5, step=2, backend="torch", with_kl=True)
+    total, metrics = obj(mb, norm, logprob, entropy, on_policy=False)
+    per_tok, st = clipped_policy_loss(logprob, mb.old_logprob, mb.advantages, mb.mask, eps_low=a.eps_low,
+                                      eps_high=a.eps_high, nsr="scaled", seed=5, step=2, token_index=mb.token_index)
+    expected = (aggregate(per_tok, mb.mask, mb.seq_ids, mode, norm)
+                - 0.01 * aggregate(entropy, mb.mask, mb.seq_ids, mode, norm)
+                + 0.5 * aggregate(kl_penalty(logprob, mb.ref_logprob, "k3"), mb.mask, mb.seq_ids, mode, norm))
     torch.testing.assert_close(total, expected)
-    assert total.requires_grad and all(not v.requires_grad and v.dim() == 0 for v in metrics.values())
+    g_obj = torch.autograd.grad(total, [logprob, entropy])
+    g_exp = torch.autograd.grad(expected, [logprob, entropy])
+    for x, y in zip(g_obj, g_exp):
+        torch.testing.assert_close(x, y)
     torch.testing.assert_close(metrics["loss/policy"] + metrics["loss/entropy_bonus"] + metrics["loss/kl"],
                                metrics["loss/total"])
-    with pytest.raises(ValueError, match="entropy"):
-        policy_objective(pg, mask, seq_ids, mode, norm, entropy_coef=0.01)
+    assert metrics["count/n_tokens"].item() == mb.mask.sum().item() == st["n_tokens"].item()
+    assert all(not v.requires_grad and v.dim() == 0 for v in metrics.values())
+
+
+def test_policy_objective_fused_chunks_equal_whole():
+    """The fused LM head calls token_loss_fn chunk by chunk: same total and same metrics as one call."""
+    from grpo_core.losses import PolicyObjective
+
+    mb, logprob, entropy = _objective_batch(seed=4)
+    norm = LossNormalizer.from_step([mb.mask], [mb.seq_ids], GEN_MAX)
+    a = _algo(loss_agg="seq-mean-token-mean", entropy_coef=0.02, kl_coef=0.1, nsr="band", dual_clip=3.0)
+    whole, m_whole = PolicyObjective(a, seed=1, step=0, with_kl=True)(mb, norm, logprob, entropy, on_policy=False)
+    obj = PolicyObjective(a, seed=1, step=0, with_kl=True)
+    fn = obj.token_loss_fn(mb, norm, on_policy=False)
+    chunked = sum(fn(logprob[s:e], entropy[s:e], s, e) for s, e in ((0, 5), (5, 6), (6, 13)))
+    total, m_chunks = obj.finish(chunked, None, 0)
+    torch.testing.assert_close(total, whole)
+    assert m_chunks.keys() == m_whole.keys()
+    for k in m_whole:
+        torch.testing.assert_close(m_chunks[k], m_whole[k])
+
+
+def test_policy_objective_coupled_losses():
+    """GSPO / FIPO / TIS run on the whole micro-batch; the fused path refuses them with a clear error."""
+    from kernels import gspo_policy_loss
+
+    from grpo_core.losses import PolicyObjective
+
+    mb, logprob, entropy = _objective_batch(seed=5)
+    norm = LossNormalizer.from_step([mb.mask], [mb.seq_ids], GEN_MAX)
+    a = _algo(policy_loss="gspo", eps_low=3e-4, eps_high=4e-4, loss_agg="seq-mean-token-mean", tis="sequence")
+    obj = PolicyObjective(a, seed=9, step=1)
+    total, _ = obj(mb, norm, logprob, entropy, on_policy=False)
+    per_tok, _ = gspo_policy_loss(logprob, mb.old_logprob, mb.advantages, mb.mask, mb.response_cu, eps_low=3e-4,
+                                  eps_high=4e-4, nsr=a.nsr, seed=9, step=1, seq_index=mb.seq_index)
+    w = tis_weights(mb.old_logprob, mb.rollout_logprob, mb.mask, mb.seq_ids, "sequence", a.tis_clip)
+    torch.testing.assert_close(total, aggregate(per_tok * w, mb.mask, mb.seq_ids, "seq-mean-token-mean", norm))
+    with pytest.raises(ValueError, match="token-separable"):
+        obj.token_loss_fn(mb, norm, on_policy=False)
 
 
 def test_tis_weights_token_and_sequence():
@@ -170,22 +243,6 @@ def test_tis_weights_token_and_sequence():
     assert not tis_weights(old.requires_grad_(), rollout, mask, ids).requires_grad
     with pytest.raises(ValueError, match="level"):
         tis_weights(old, rollout, mask, ids, "batch")
-
-
-def test_logprob_mismatch_stats():
-    trainer = T([-1.0, -2.0, -0.5, -3.0], dtype=torch.float64)
-    rollout = T([-1.1, -1.8, -0.5, 0.0], dtype=torch.float64)
-    mask = T([True, True, True, False])
-    ids = T([0, 0, 1, 1])
-    s = logprob_mismatch_stats(trainer, rollout, mask, ids)
-    # d = trainer - rollout = [0.1, -0.2, 0 | masked]; mean |d| = 0.3 / 3 = 0.1; max 0.2
-    assert s["mismatch/mean_abs_diff"].item() == pytest.approx(0.1, abs=1e-6)
-    assert s["mismatch/max_abs_diff"].item() == pytest.approx(0.2, abs=1e-6)
-    # k3(d) = e^d - d - 1: 0.0051709, 0.0187308, 0; seq 0 mean 0.0119508, seq 1: 0 -> mean 0.0059754
-    assert s["mismatch/kl_k3"].item() == pytest.approx(0.0059754, abs=1e-6)
-    # k1 = rollout - trainer: seq 0 mean (-0.1 + 0.2) / 2 = 0.05, seq 1: 0 -> 0.025
-    assert s["mismatch/kl_k1"].item() == pytest.approx(0.025, abs=1e-6)
-    assert s["mismatch/num_tokens"].item() == 3 and s["mismatch/num_seqs"].item() == 2
 
 
 # --- data parallel: real processes on gloo ---------------------------------------------------------------
@@ -244,3 +301,96 @@ def test_cuda_matches_cpu():
         torch.testing.assert_close(got.cpu(), ref)
     w = tis_weights(loss.cuda(), torch.zeros_like(loss).cuda(), mask.cuda(), seq_ids.cuda(), "sequence")
     torch.testing.assert_close(w.cpu(), tis_weights(loss, torch.zeros_like(loss), mask, seq_ids, "sequence"))
+
+
+# --- peer-parity table: the whole objective against the papers' formulas in plain Python float64 ------------------
+
+PARITY = [  # (advantage, std_unbiased, loss_agg, policy_loss, eps_low, eps_high, dual_clip, kl_type, entropy_coef)
+    ("grpo", True, "token-mean", "ppo", 0.2, 0.28, None, None, 0.0),  # DAPO (verl/TRL defaults)
+    ("grpo", False, "seq-mean-token-mean", "ppo", 0.2, 0.2, None, "k3", 0.0),  # GRPO original, k3 KL
+    ("grpo", True, "seq-mean-token-mean", "ppo", 0.2, 0.28, 3.0, "k1", 0.01),  # dual clip, k1, entropy bonus
+    ("drgrpo", True, "seq-sum-constant", "ppo", 0.2, 0.2, None, None, 0.0),  # Dr. GRPO
+    ("rloo", True, "token-mean", "ppo", 0.1, 0.1, None, None, 0.001),  # RLOO
+    ("grpo", True, "seq-mean-token-mean", "gspo", 3e-4, 4e-4, None, None, 0.0),  # GSPO
+]
+
+
+def _formula_loss(case, rewards, groups, lp, old, ref, ent, lengths, gen_max):
+    """Straight from docs/algorithms.md §1 and §3, one Python loop per quantity (no torch)."""
+    est, unbiased, agg, kind, el, eh, dual, kl_type, c_h = case
+    adv = []
+    for i, r in enumerate(rewards):
+        grp = [rewards[j] for j in range(len(rewards)) if groups[j] == groups[i]]
+        g, mean = len(grp), sum(grp) / len(grp)
+        if est == "grpo":
+            var = sum((x - mean) ** 2 for x in grp) / ((g - 1) if unbiased else g)
+            adv.append((r - mean) / (math.sqrt(var) + 1e-6))
+        elif est == "drgrpo":
+            adv.append(r - mean)
+        else:
+            adv.append(r - (sum(grp) - r) / (g - 1))
+    per_seq, start = [], 0
+    for i, n in enumerate(lengths):
+        toks = range(start, start + n)
+        start += n
+        if kind == "gspo":
+            s = math.exp(sum(lp[t] - old[t] for t in toks) / n)
+            ratios = [s] * n
+        else:
+            ratios = [math.exp(lp[t] - old[t]) for t in toks]
+        terms = []
+        for t, r in zip(toks, ratios):
+            a = adv[i]
+            loss = -min(r * a, min(max(r, 1 - el), 1 + eh) * a)
+            if dual is not None and a < 0:
+                loss = min(loss, -dual * a)
+            if kl_type == "k1":
+                loss += 0.05 * (lp[t] - ref[t])
+            elif kl_type == "k3":
+                d = ref[t] - lp[t]
+                loss += 0.05 * min(max(math.exp(d) - d - 1, -10.0), 10.0)
+            terms.append(loss - c_h * ent[t])
+        per_seq.append(terms)
+    if agg == "token-mean":
+        return sum(sum(x) for x in per_seq) / sum(lengths)
+    if agg == "seq-mean-token-mean":
+        return sum(sum(x) / len(x) for x in per_seq) / len(per_seq)
+    return sum(sum(x) / gen_max for x in per_seq) / len(per_seq)
+
+
+@pytest.mark.parametrize("case", PARITY, ids=[f"{c[0]}-{c[2]}-{c[3]}-{c[7]}" for c in PARITY])
+def test_peer_parity_table(case):
+    from types import SimpleNamespace
+
+    from grpo_core.advantages import compute_advantages
+    from grpo_core.losses import PolicyObjective
+
+    est, unbiased, agg, kind, el, eh, dual, kl_type, c_h = case
+    rnd = torch.Generator().manual_seed(11)
+    rewards, groups, lengths = [1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 1.0], [0, 0, 0, 0, 1, 1, 1], [3, 1, 4, 2, 5, 2, 3]
+    n = sum(lengths)
+    old = (-torch.rand(n, generator=rnd, dtype=torch.float64) * 2).tolist()
+    spread = 3e-4 if kind == "gspo" else 0.3  # GSPO's clip range is ~1e-4 wide: keep some sequences inside it
+    lp = [o + spread * x for o, x in zip(old, torch.randn(n, generator=rnd, dtype=torch.float64).tolist())]
+    ref = [o - 0.2 * x for o, x in zip(old, torch.rand(n, generator=rnd, dtype=torch.float64).tolist())]
+    ent = torch.rand(n, generator=rnd, dtype=torch.float64).tolist()
+    want = _formula_loss(case, rewards, groups, lp, old, ref, ent, lengths, GEN_MAX)
+
+    adv = compute_advantages(torch.tensor(rewards, dtype=torch.float64), torch.tensor(groups), est,
+                             std_unbiased=unbiased)
+    seq_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    mb = SimpleNamespace(mask=torch.ones(n, dtype=torch.bool), seq_ids=seq_ids, advantages=adv[seq_ids],
+                         old_logprob=torch.tensor(old, dtype=torch.float64), rollout_logprob=None,
+                         ref_logprob=torch.tensor(ref, dtype=torch.float64), token_index=torch.arange(n),
+                         seq_index=torch.arange(len(lengths)), response_cu=cu, anchor_groups=torch.zeros(0).long())
+    from grpo_core.config import AlgorithmConfig
+
+    algo = AlgorithmConfig(advantage=est, adv_std_unbiased=unbiased, loss_agg=agg, policy_loss=kind, eps_low=el,
+                           eps_high=eh, dual_clip=dual, nsr="off", kl_type=kl_type or "k3",
+                           kl_coef=0.05 if kl_type else 0.0, entropy_coef=c_h)
+    norm = LossNormalizer.from_step([mb.mask], [seq_ids], GEN_MAX)
+    obj = PolicyObjective(algo, seed=0, step=0, backend="torch", with_kl=kl_type is not None)
+    got, _ = obj(mb, norm, torch.tensor(lp, dtype=torch.float64), torch.tensor(ent, dtype=torch.float64),
+                 on_policy=False)
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-6)  # float32 kernel math vs float64 formulas

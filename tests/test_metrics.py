@@ -1,4 +1,4 @@
-"""pass@k / avg@k / maj@k, entropy metrics, approx KL, lengths and the metric accumulator (spec 6)."""
+"""pass@k / avg@k / maj@k, entropy metrics, approx KL, lengths and the metric accumulator (docs/algorithms.md §6)."""
 import math
 import os
 import socket
@@ -105,11 +105,55 @@ def test_approx_kl_and_lengths():
     old = T([0.0, 0.0, 0.0])
     # k3 with r = 1, 2: (0) and (2 - 1 - ln 2) = 0.3068528; third token masked -> mean 0.1534264
     assert approx_kl(lp, old, T([True, True, False])).item() == pytest.approx(0.1534264, abs=1e-6)
-    s = response_length_stats([10, 20, 30, 40], max_new_tokens=40)
-    assert s["response_length/mean"].item() == 25.0
-    assert s["response_length/std"].item() == pytest.approx(math.sqrt(125.0))
-    assert (s["response_length/min"].item(), s["response_length/max"].item()) == (10.0, 40.0)
-    assert s["response_length/clip_frac"].item() == 0.25
+    s = response_length_stats([10, 20, 30, 40], truncated=[False, False, False, True])
+    assert s["response_len/mean"].item() == 25.0
+    assert s["response_len/std"].item() == pytest.approx(math.sqrt(125.0))
+    assert (s["response_len/min"].item(), s["response_len/max"].item()) == (10.0, 40.0)
+    assert s["response_len/truncated_frac"].item() == 0.25
+    assert "response_len/truncated_frac" not in response_length_stats([3])
+    with pytest.raises(ValueError, match="2 truncation flags for 1 lengths"):
+        response_length_stats([3], truncated=[True, False])
+
+
+def test_rollout_metrics_hand_values():
+    from grpo_core.experience import Group, Response
+    from grpo_core.metrics import rollout_metrics
+
+    def resp(n, reward, correct, reason="stop"):
+        return Response(group_index=0, sample_index=0, prompt_ids=[1], response_ids=[2] * n, rollout_logprobs=[0.0] * n,
+                        finish_reason=reason, reward=reward, correct=correct)
+
+    g1 = Group("a", "1", [resp(4, 1.0, True), resp(8, 0.0, False, "length")])
+    g2 = Group("b", "2", [resp(2, 0.0, False), resp(2, 0.0, False)])
+    m = rollout_metrics([g1, g2], kept=[g1])
+    assert m["reward/mean"] == 0.25 and m["accuracy"] == 0.25
+    assert m["response_len/mean"] == 4.0 and m["response_len/max"] == 8.0
+    assert m["response_len/truncated_frac"] == 0.25
+    assert m["groups/kept"] == 1.0 and m["groups/all_wrong_frac"] == 0.5 and m["groups/all_correct_frac"] == 0.0
+
+
+def test_update_metrics_fractions_and_mismatch():
+    from grpo_core.metrics import UpdateMetrics
+
+    um = UpdateMetrics()
+    mask = T([True, True, False, True])
+    counts = {"count/n_tokens": T(3.0), "count/n_clip_low": T(1.0), "count/n_clip_high": T(0.0),
+              "count/n_rescued": T(1.0), "count/n_dual_clip": T(0.0), "loss/policy": T(0.5),
+              "hidden_align/cos_sum": T(1.6), "hidden_align/groups": T(2.0)}
+    for _ in range(2):  # two optimizer steps over the same micro-batch
+        um.add_objective(counts)
+        um.add_tokens(T([-1.0, -2.0, 0.0, -1.0]), T([-1.0, -2.0, 0.0, -1.0 - math.log(2.0)]), T([1.0, 2.0, 9.0, 3.0]),
+                      mask)
+        um.optimizer_steps += 1
+    um.add_mismatch(T([-1.0, -2.0, 5.0, -1.5]), T([-1.25, -2.0, 0.0, -1.0]), mask)  # once per rollout batch
+    out = um.compute()
+    assert out["loss/policy"] == pytest.approx(0.5)  # mean over the 2 optimizer steps of the summed shares
+    assert out["clip/low_frac"] == pytest.approx(1 / 3) and out["nsr/rescue_frac"] == pytest.approx(1 / 3)
+    assert out["entropy/mean"] == pytest.approx(2.0)  # masked 9.0 dropped
+    # k3 of r = 2 on one of three tokens: (2 - 1 - ln 2) / 3
+    assert out["kl_old/approx"] == pytest.approx((1 - math.log(2.0)) / 3)
+    assert out["mismatch/mean_abs"] == pytest.approx(0.75 / 3) and out["mismatch/max_abs"] == pytest.approx(0.5)
+    assert out["hidden_align/cos"] == pytest.approx(0.8)
 
 
 def test_metric_accumulator_single_process():

@@ -362,3 +362,52 @@ def test_gspo_seq_index():
     assert torch.equal(same, base)
     other, _ = gspo_policy_loss(logp, old, adv, mask, cu, seq_index=seq_index.flip(0), **kw)
     assert not torch.equal(other, base)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_log_ratio_clamp_edges(backend):
+    """docs/algorithms.md "Numerical guards": log r is clamped to [-20, 20] before exp; the gradient is zero
+    where the clamp binds (as autograd of clamp), and a huge log-ratio gives a finite loss, no inf/NaN."""
+    lr = torch.tensor([19.5, 20.0, 20.5, 1e30, -19.5, -25.0, 0.0])
+    adv = torch.tensor([-1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+    old = torch.full_like(lr, -1.0)
+    logp = (old + lr).requires_grad_()
+    mask = torch.ones(lr.numel(), dtype=torch.bool)
+    loss, _ = clipped_policy_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28, backend=backend)
+    e = math.exp
+    # A < 0, r above the clip: the unclipped -r A binds; A > 0, r below: -r A binds as well.
+    want = torch.tensor([e(19.5), e(20.0), e(20.0), e(20.0), -e(-19.5), -e(-20.0), -1.0])
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+    (g,) = torch.autograd.grad(loss.sum(), logp)
+    want_g = torch.tensor([e(19.5), e(20.0), 0.0, 0.0, -e(-19.5), 0.0, -1.0])
+    torch.testing.assert_close(g, want_g, rtol=1e-5, atol=0)
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+    # the float64 reference (autograd through torch.clamp) agrees on value and gradient
+    logp_ref = (old.double() + lr.double()).requires_grad_()
+    ref, _ = clipped_policy_loss_ref(logp_ref, old.double(), adv.double(), mask)
+    (g_ref,) = torch.autograd.grad(ref.sum(), logp_ref)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-5, atol=0)
+
+
+def test_gspo_sequence_log_ratio_clamp_edges():
+    """GSPO's sequence log-ratio is clamped to [-20, 10]: exp(10) already exceeds every clip range."""
+    mean_lr = torch.tensor([9.5, 12.0, -25.0, 1e30])
+    adv_seq = torch.tensor([-1.0, -1.0, 1.0, -1.0])
+    old = torch.zeros(8)
+    logp = mean_lr.repeat_interleave(2).clone().requires_grad_()
+    adv = adv_seq.repeat_interleave(2)
+    mask = torch.ones(8, dtype=torch.bool)
+    cu = torch.tensor([0, 2, 4, 6, 8])
+    loss, _ = gspo_policy_loss(logp, old, adv, mask, cu, eps_low=3e-4, eps_high=4e-4)
+    e = math.exp
+    want = torch.tensor([e(9.5), e(10.0), -e(-20.0), e(10.0)]).repeat_interleave(2)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+    (g,) = torch.autograd.grad(loss.sum(), logp)
+    want_g = torch.tensor([e(9.5), 0.0, 0.0, 0.0]).repeat_interleave(2)
+    torch.testing.assert_close(g, want_g, rtol=1e-5, atol=0)
+    logp_ref = logp.detach().double().requires_grad_()
+    ref, _ = gspo_policy_loss_ref(logp_ref, old.double(), adv.double(), mask, cu)
+    (g_ref,) = torch.autograd.grad(ref.sum(), logp_ref)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-5, atol=0)

@@ -1,4 +1,4 @@
-"""Reward shaping (spec section 2) and TTRL majority vote, against hand-computed values."""
+"""Reward shaping (docs/algorithms.md §2) and TTRL majority vote, against hand-computed values."""
 import pytest
 import torch
 

@@ -129,6 +129,24 @@ def test_rollout_logprobs_match_trainer(tmp_path):
     assert out["mismatch/max_abs"] < 1e-3
 
 
+def test_mismatch_metric_uses_pre_update_logprobs(tmp_path):
+    """The rollout/trainer mismatch compares the rollout engine's logprobs with the trainer's *old*
+    (pre-update) logprobs once per rollout batch: with 2 mini-batches and 2 epochs, step 1's mismatch does
+    not depend on the learning rate (the policy's own update is not a mismatch)."""
+    out = {}
+    for lr in ("1e-12", "5e-3"):
+        trainer = make_trainer(tmp_path / lr, f"trainer.lr={lr}", "trainer.mini_batches=2", "trainer.ppo_epochs=2",
+                               "rollout.temperature=0.7")
+        trainer.sync_rollout_weights()
+        before = weights(trainer)
+        out[lr] = trainer.update(fake_groups(trainer), step=1)
+        moved = max((v - before[k]).abs().max().item() for k, v in weights(trainer).items())
+        assert (moved > 1e-4) == (lr == "5e-3"), (lr, moved)
+    for key in ("mismatch/mean_abs", "mismatch/max_abs"):
+        assert out["1e-12"][key] == out["5e-3"][key], key
+    assert out["5e-3"]["mismatch/max_abs"] < 1e-3  # fp32, same weights: engine and trainer agree
+
+
 def test_dynamic_sampling_bound(tmp_path):
     """An untrained model earns no reward: every group is uninformative, the bound stops generation."""
     trainer = make_trainer(tmp_path, "algorithm.dynamic_sampling=true", "algorithm.max_gen_batches=2")

@@ -11,7 +11,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 from grpo_core.data.io import DataError, read_records
 from grpo_core.data.schema import Sample, rows_to_samples
@@ -19,14 +19,6 @@ from grpo_core.data.schema import Sample, rows_to_samples
 logger = logging.getLogger(__name__)
 
 PROMPT_PLACEHOLDER = "{prompt}"
-
-
-class PromptTokenizer(Protocol):
-    """The tokenizer interface the dataset needs (grpo_core.tokenizer provides it)."""
-
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
-
-    def encode(self, text: str) -> list[int]: ...
 
 
 def render_prompt(messages: list[dict[str, str]], tokenizer: Any, prompt_template: str | None = None) -> str:

@@ -56,10 +56,68 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
 
 
-def iter_shards(path: str | os.PathLike) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield the checkpoint one shard at a time (CPU tensors), so peak memory is one shard."""
+class WeightsError(ValueError):
+    """A weight file holds a tensor that must not be loaded (non-finite values, a non-float dtype); the
+    message names the tensor and the file."""
+
+
+def check_tensor(name: str, tensor: torch.Tensor, file: str | os.PathLike) -> None:
+    """Refuse a non-floating-point weight (casting int32 to float would silently change it) and any NaN/inf."""
+    if not tensor.is_floating_point():
+        raise WeightsError(f"weight '{name}' in {file} is {str(tensor.dtype).replace('torch.', '')}, not floating "
+                           f"point; the model loads float weights only (casting would silently change the values): "
+                           f"convert the checkpoint to float16/bfloat16/float32")
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise WeightsError(f"weight '{name}' in {file} has {bad} non-finite value(s) (NaN/inf) of {tensor.numel()}: "
+                           f"the checkpoint is damaged or its training diverged; load an earlier checkpoint")
+
+
+def iter_shards(path: str | os.PathLike, check: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the checkpoint one shard at a time (CPU tensors), so peak memory is one shard. With `check`, every
+    tensor must be floating point and finite (WeightsError naming the tensor otherwise)."""
     for file in weight_files(path):
-        yield load_file(str(file), device="cpu")
+        shard = load_file(str(file), device="cpu")
+        if check:
+            for name, tensor in shard.items():
+                check_tensor(name, tensor, file)
+        yield shard
+
+
+SAFETENSORS_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+
+def check_weight_headers(path: str | os.PathLike) -> dict[str, str]:
+    """Read only the safetensors headers (no tensor data): {tensor name: dtype}. Raises WeightsError for a file
+    that is not safetensors or is truncated, and for a non-float tensor, naming both."""
+    import struct
+
+    out: dict[str, str] = {}
+    for file in weight_files(path):
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n <= 0 or 8 + n > size:
+                    raise ValueError("header length out of range")
+                header = json.loads(f.read(n))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{file} is not a readable safetensors file ({e})") from None
+        end = 8 + n
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = meta.get("dtype")
+            offsets = meta.get("data_offsets") or [0, 0]
+            if end + offsets[1] > size:
+                raise WeightsError(f"{file} is truncated: weight '{name}' ends at byte {end + offsets[1]} of {size}")
+            if dtype not in SAFETENSORS_FLOAT_DTYPES:
+                raise WeightsError(f"weight '{name}' in {file} is {dtype}, not floating point; the model loads float "
+                                   f"weights only (casting would silently change the values): convert the checkpoint "
+                                   f"to float16/bfloat16/float32")
+            out[name] = dtype
+    return out
 
 
 def _fsync_path(path: Path) -> None:

@@ -1,7 +1,7 @@
 """The rollout-engine interface: sampling parameters, one generated sample, the abstract engine, a factory.
 
-Every engine (the embedded torch engine here, vLLM later) takes token-id prompts and returns
-`Generation`s in prompt-major order, each with the sampling logprob of every generated token.
+Every engine (the embedded torch engine, rollout/torch_engine.py; vLLM, rollout/vllm_engine.py) takes token-id
+prompts and returns `Generation`s in prompt-major order, each with the sampling logprob of every generated token.
 
 Logprob convention (shared by all engines): the logprob of a generated token is
 `log_softmax(logits / temperature)[token]` under the *full* temperature-scaled distribution, taken

@@ -1,4 +1,4 @@
-"""Plain-PyTorch references of kernels.policy_loss, written straight from the formulas of spec section 3.
+"""Plain-PyTorch references of kernels.policy_loss, written straight from the formulas of docs/algorithms.md §3.
 
 Gradients come from autograd through the formulas (torch.where/min/clamp select the live branch), the NSR
 uniforms u are passed in explicitly, and everything runs in the inputs' dtype (use float64 in tests).
@@ -53,7 +53,7 @@ def clipped_policy_loss_ref(
     """Token-level clipped loss. All tensors [N]; mask bool; u [N] uniforms (required unless nsr='off').
 
     Returns (loss [N] in logprob's dtype, 0 where masked out; rescued [N] bool)."""
-    ratio = torch.exp(logprob - old_logprob)
+    ratio = torch.exp(torch.clamp(logprob - old_logprob, -20.0, 20.0))  # the token log-ratio guard
     loss, rescued = _surrogate(ratio, advantages, u, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
                                nsr=nsr, nsr_prob=nsr_prob, nsr_band=nsr_band)
     return torch.where(mask, loss, torch.zeros_like(loss)), rescued & mask
@@ -87,7 +87,8 @@ def gspo_policy_loss_ref(
             rescued_seq.append(False)
             continue
         log_s = (lp - old_logprob[sl])[m].mean().detach()
-        s_tok = torch.exp(log_s + lp - lp.detach())  # value s_i, d/d logp_t = s_i
+        # value s_i, d/d logp_t = s_i; the sequence log-ratio guard clamps to [-20, 10] (zero gradient beyond)
+        s_tok = torch.exp(torch.clamp(log_s + lp - lp.detach(), -20.0, 10.0))
         adv = advantages[sl][m][0]
         u = None if u_seq is None else u_seq[i]
         loss, rescued = _surrogate(s_tok, adv, u, eps_low=eps_low, eps_high=eps_high, dual_clip=None,
