@@ -29,6 +29,9 @@ setup(
     extras_require={
         # vLLM's weight-loading and sleep-mode API used by grpo_core/rollout/vllm_engine.py.
         "gpu": ["vllm>=0.10.2,<0.12", "flash-attn>=2.6"],
+        # benchmarks/bench_vs_trl.py's peer: TRL's GRPOTrainer (pulls its own transformers; a separate venv keeps
+        # the main environment's versions, see the README's benchmark section).
+        "bench": ["trl>=1.16"],
         "dev": ["pytest>=8", "transformers>=4.51", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["grpo=grpo_core.cli:main"]},

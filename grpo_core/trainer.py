@@ -58,18 +58,38 @@ class PolicyForward(nn.Module):
 
 class ClippedAdamW(torch.optim.AdamW):
     """torch AdamW that clips the global gradient norm first (max_norm 0 = no clipping) and keeps it in
-    `_global_grad_norm`, where the DeepSpeed engine reads it (get_global_grad_norm)."""
+    `_global_grad_norm`, where the DeepSpeed engine reads it (get_global_grad_norm). `has_overflow` answers the
+    trainer's non-finite-gradient check from the same norm (one fused reduction, one host sync per step)."""
 
     def __init__(self, params, max_norm: float, **kwargs):
         super().__init__(params, **kwargs)
         self.max_norm = max_norm
         self._global_grad_norm = None
+        self._norm = None  # total norm of the current gradients, computed once per step
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _total_norm(self) -> torch.Tensor:
+        if self._norm is None:
+            grads = self._grads()
+            self._norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        return self._norm
+
+    def has_overflow(self, partition_gradients: bool = True) -> bool:
+        return not bool(torch.isfinite(self._total_norm()))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._norm = None
+        super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
     def step(self, closure=None):
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm if self.max_norm > 0
-                                                                else float("inf"))
+        norm = self._total_norm()
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_([p for g in self.param_groups for p in g["params"]],
+                                                 self.max_norm, norm)
+        self._global_grad_norm, self._norm = norm, None
         return super().step(closure)
 
 
@@ -335,18 +355,16 @@ class Trainer:
                 n_align = self._count_align_groups(minis[mi])
                 objective = PolicyObjective(cfg.algorithm, seed=cfg.trainer.seed, step=self.opt_steps,
                                             backend=cfg.model.kernel_backend, with_kl=self.ref_engine is not None)
-                finite = True
+                finite = torch.ones((), dtype=torch.bool, device=self.device)
                 for k, mb in enumerate(mbs):
                     self.engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
                     loss = self._micro_batch_loss(objective, mb, norm, n_align, on_policy, metrics)
-                    # The one host sync per micro-batch: a NaN/inf loss must not reach backward, whose NaN
-                    # gradients ZeRO-3 would keep past zero_grad(); a zero loss through every parameter
-                    # replaces it so the collectives stay in step. (Metrics stay on the device.)
-                    if not bool(torch.isfinite(loss)):
-                        finite = False
-                        loss = self._zero_touch(mb)
+                    # No host sync per micro-batch: the loss's finiteness accumulates on the device and is read
+                    # once per optimizer step. A non-finite loss still runs backward (same collectives on every
+                    # rank); its gradients are dropped with the step (_optimizer_step), like a non-finite gradient.
+                    finite &= torch.isfinite(loss.detach())
                     self.engine.backward(loss * backward_scale(self.dist.world_size), scale_wrt_gas=False)
-                finite = gdist.all_reduce_max_int(0 if finite else 1, self.device) == 0
+                finite = gdist.all_reduce_max_int(0 if bool(finite) else 1, self.device) == 0
                 lr = lr_at(cfg, self.opt_steps)
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = lr
@@ -398,11 +416,6 @@ class Trainer:
             return not opt.has_overflow(partition_gradients=True)
         bad = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in self.module.parameters())
         return gdist.all_reduce_max_int(int(bad), self.device) == 0
-
-    def _zero_touch(self, mb: MicroBatch) -> torch.Tensor:
-        """A zero loss through every parameter, replacing a non-finite one so collectives stay in step."""
-        lp, _, _ = self.engine(mb, self.cfg.rollout.temperature, with_entropy=False)
-        return lp.sum() * 0.0
 
     def _count_align_groups(self, groups: list[Group]) -> int:
         if self.cfg.algorithm.hidden_align_coef <= 0:
