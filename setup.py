@@ -31,6 +31,9 @@ setup(
         # each release's source: benchmarks/results/vllm_api_check.md). Each vLLM pins one torch (0.27-0.32:
         # torch 2.13; 0.33-0.34: torch 2.14): to keep a cluster's torch, constrain it (README, "vLLM").
         "gpu": ["vllm>=0.10.2,<0.35", "flash-attn>=2.6"],
+        # benchmarks/bench_vs_trl.py's peer: TRL's GRPOTrainer (pulls its own transformers; a separate venv keeps
+        # the main environment's versions, see the README's benchmark section).
+        "bench": ["trl>=1.16"],
         "dev": ["pytest>=8", "transformers>=4.51", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["grpo=grpo_core.cli:main"]},

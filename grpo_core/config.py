@@ -303,15 +303,34 @@ class LoggingConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 3  # ZeRO stage (the trainer is built and tested for 3)
+    zero_stage: int = 3  # ZeRO stage 0/1/2/3 (0 = plain data parallel; every stage gives the same update)
+    # On one rank (and nothing offloaded) run stage 0: one partition is the whole model, so ZeRO's gather/release
+    # hooks and flat buffers cost time and save nothing. Same update (tested); false keeps zero_stage as set.
+    one_rank_unpartitioned: bool = True
     offload_optimizer: bool = False  # keep optimizer states on CPU
-    offload_param: bool = False  # keep parameters on CPU
+    offload_param: bool = False  # keep parameters on CPU (stage 3 only)
     bf16: Literal["auto", "on", "off"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     torch_adam: bool = True  # use torch's AdamW (no compiled DeepSpeed ops needed)
+    # Sizes in elements; -1 = scaled to the model's hidden size H (the HF Trainer's "auto" rules).
+    param_persistence_threshold: int = -1  # stage 3: parameters this small stay whole on every rank (auto 10*H)
+    prefetch_bucket_size: int = -1  # stage 3: parameters fetched ahead of the module that needs them (auto 0.9*H^2)
+    reduce_bucket_size: int = -1  # gradient elements reduced per collective (auto H^2)
+    allgather_bucket_size: int = -1  # stage 1/2: parameter elements all-gathered per collective (auto H^2)
+    max_live_parameters: int = 1_000_000_000  # stage 3: gathered parameter elements held at once per rank
 
     def validate(self, p: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             _fail(f"{p}.zero_stage", "must be 0, 1, 2 or 3")
+        for name in ("param_persistence_threshold", "prefetch_bucket_size", "reduce_bucket_size",
+                     "allgather_bucket_size"):
+            if getattr(self, name) < -1:
+                _fail(f"{p}.{name}", "must be >= 0 (or -1 = scaled to the model)")
+        if self.max_live_parameters < 1:
+            _fail(f"{p}.max_live_parameters", "must be >= 1")
+        if self.offload_param and self.zero_stage != 3:
+            _fail(f"{p}.offload_param", f"needs zero_stage 3 (got {self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            _fail(f"{p}.offload_optimizer", "needs zero_stage 1, 2 or 3 (got 0)")
 
 
 @dataclass
@@ -575,23 +594,56 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- deepspeed
 
-def deepspeed_config(cfg: Config, *, world_size: int, use_cuda: bool, micro_batch_size: int = 1) -> dict:
+def effective_zero_stage(cfg: Config, world_size: int) -> int:
+    """The ZeRO stage the engine runs: deepspeed.zero_stage, or 0 on one rank with nothing offloaded when
+    deepspeed.one_rank_unpartitioned is on (nothing to partition across; the update is the same)."""
+    d = cfg.deepspeed
+    if world_size == 1 and d.one_rank_unpartitioned and not (d.offload_optimizer or d.offload_param):
+        return 0
+    return d.zero_stage
+
+
+def _scaled(value: int, hidden_size: Optional[int], rule) -> Optional[int]:
+    """A size key: as set (>= 0), or the model-scaled rule for -1 (None = DeepSpeed's default: no hidden size)."""
+    if value >= 0:
+        return value
+    return int(rule(hidden_size)) if hidden_size else None
+
+
+def deepspeed_config(cfg: Config, *, world_size: int, use_cuda: bool, micro_batch_size: int = 1,
+                     hidden_size: Optional[int] = None) -> dict:
     """Generate the DeepSpeed JSON from the tree. Gradient accumulation is driven by the trainer (it calls
     backward once per packed micro-batch and steps once per mini-batch), so DeepSpeed sees gas = 1 and the
-    trainer's loss already carries the global normalizer (grpo_core.losses)."""
-    bf16 = cfg.deepspeed.bf16 == "on" or (cfg.deepspeed.bf16 == "auto" and use_cuda)
+    trainer's loss already carries the global normalizer (grpo_core.losses). `hidden_size` scales the bucket
+    and persistence sizes left at -1 (without it those keys are left to DeepSpeed's defaults)."""
+    d = cfg.deepspeed
+    bf16 = d.bf16 == "on" or (d.bf16 == "auto" and use_cuda)
     betas = list(cfg.trainer.adam_betas)
-    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
-    if cfg.deepspeed.zero_stage == 3:
+    stage = effective_zero_stage(cfg, world_size)
+    zero: dict[str, Any] = {"stage": stage}
+    sizes = {
+        "reduce_bucket_size": _scaled(d.reduce_bucket_size, hidden_size, lambda h: h * h),
+    }
+    if stage in (1, 2):
+        sizes["allgather_bucket_size"] = _scaled(d.allgather_bucket_size, hidden_size, lambda h: h * h)
+        zero.update({"contiguous_gradients": True, "overlap_comm": use_cuda})
+    if stage == 3:
+        sizes.update({
+            "stage3_param_persistence_threshold": _scaled(d.param_persistence_threshold, hidden_size,
+                                                          lambda h: 10 * h),
+            "stage3_prefetch_bucket_size": _scaled(d.prefetch_bucket_size, hidden_size, lambda h: 0.9 * h * h),
+            "stage3_max_live_parameters": d.max_live_parameters,
+        })
         zero.update({
             "stage3_gather_16bit_weights_on_model_save": False,
-            "stage3_param_persistence_threshold": 0,
             "contiguous_gradients": True,
             "overlap_comm": use_cuda,
         })
-    if cfg.deepspeed.offload_optimizer:
+    if stage > 0:
+        zero.update({k: v for k, v in sizes.items() if v is not None})
+    if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_cuda}
-    if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage == 3:
+    if d.offload_param and stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_cuda}
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,

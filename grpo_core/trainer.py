@@ -70,6 +70,43 @@ class PolicyForward(nn.Module):
         return (*out, hidden[mb.anchor_positions])
 
 
+class ClippedAdamW(torch.optim.AdamW):
+    """torch AdamW that clips the global gradient norm first (max_norm 0 = no clipping) and keeps it in
+    `_global_grad_norm`, where the DeepSpeed engine reads it (get_global_grad_norm). `has_overflow` answers the
+    trainer's non-finite-gradient check from the same norm (one fused reduction, one host sync per step)."""
+
+    def __init__(self, params, max_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self._global_grad_norm = None
+        self._norm = None  # total norm of the current gradients, computed once per step
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _total_norm(self) -> torch.Tensor:
+        if self._norm is None:
+            grads = self._grads()
+            self._norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        return self._norm
+
+    def has_overflow(self, partition_gradients: bool = True) -> bool:
+        return not bool(torch.isfinite(self._total_norm()))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._norm = None
+        super().zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        norm = self._total_norm()
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_([p for g in self.param_groups for p in g["params"]],
+                                                 self.max_norm, norm)
+        self._global_grad_norm, self._norm = norm, None
+        return super().step(closure)
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -140,16 +177,32 @@ class Trainer:
         policy = self.run.policy  # plain module, warm-started when configured
         policy.set_activation_checkpointing(cfg.model.activation_checkpointing)
         self.module = PolicyForward(policy, cfg.model.kernel_backend)
-        ds_cfg = deepspeed_config(cfg, world_size=self.dist.world_size, use_cuda=use_cuda)
-        self.engine, _, _, _ = deepspeed.initialize(model=self.module, config=ds_cfg,
-                                                    model_parameters=[p for p in self.module.parameters()])
+        # ZeRO stage 0/1/2/3 (deepspeed.zero_stage; 0 on one rank unless asked otherwise: nothing to partition),
+        # bucket and persistence sizes scaled to the model's hidden size unless set.
+        ds_cfg = deepspeed_config(cfg, world_size=self.dist.world_size, use_cuda=use_cuda,
+                                  hidden_size=policy.args.hidden_size)
+        self.zero_stage = ds_cfg["zero_optimization"]["stage"]
+        params = [p for p in self.module.parameters()]
+        optimizer = None
+        if self.zero_stage == 0 and self.dtype == torch.float32:
+            # DeepSpeed's fp32 stage-0 path clips without keeping the norm: clip in the optimizer, which does.
+            t = cfg.trainer
+            optimizer = ClippedAdamW(params, max_norm=t.grad_clip, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                     weight_decay=t.weight_decay)
+            ds_cfg = {k: v for k, v in ds_cfg.items() if k != "optimizer"}
+            ds_cfg["gradient_clipping"] = 0.0
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, config=ds_cfg, model_parameters=params,
+                                                    optimizer=optimizer)
         self.ref_engine = None
-        if cfg.algorithm.kl_coef > 0:  # frozen reference: partitioned by ZeRO-3, no optimizer state
+        if cfg.algorithm.kl_coef > 0:  # frozen reference, no optimizer state
             ref = PolicyForward(CausalLM.from_pretrained(self.run.reference_dir, dtype=torch.float32),
                                 cfg.model.kernel_backend)
             ref.requires_grad_(False)
-            ref_cfg = {k: v for k, v in ds_cfg.items() if k not in ("optimizer", "gradient_clipping")}
-            self.ref_engine, *_ = deepspeed.initialize(model=ref, config=ref_cfg)
+            if self.zero_stage == 3:  # partitioned like the policy
+                ref_cfg = {k: v for k, v in ds_cfg.items() if k not in ("optimizer", "gradient_clipping")}
+                self.ref_engine, *_ = deepspeed.initialize(model=ref, config=ref_cfg)
+            else:  # stages 0-2 keep whole weights on every rank anyway: a plain module, no engine around it
+                self.ref_engine = ref.to(device=self.device, dtype=self.dtype)
             self.ref_engine.eval()
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
@@ -293,18 +346,16 @@ class Trainer:
                 n_align = self._count_align_groups(minis[mi])
                 objective = PolicyObjective(cfg.algorithm, seed=cfg.trainer.seed, step=self.opt_steps,
                                             backend=cfg.model.kernel_backend, with_kl=self.ref_engine is not None)
-                finite = True
+                finite = torch.ones((), dtype=torch.bool, device=self.device)
                 for k, mb in enumerate(mbs):
                     self.engine.set_gradient_accumulation_boundary(k == len(mbs) - 1)
                     loss = self._micro_batch_loss(objective, mb, norm, n_align, on_policy, metrics)
-                    # The one host sync per micro-batch: a NaN/inf loss must not reach backward, whose NaN
-                    # gradients ZeRO-3 would keep past zero_grad(); a zero loss through every parameter
-                    # replaces it so the collectives stay in step. (Metrics stay on the device.)
-                    if not bool(torch.isfinite(loss)):
-                        finite = False
-                        loss = self._zero_touch(mb)
+                    # No host sync per micro-batch: the loss's finiteness accumulates on the device and is read
+                    # once per optimizer step. A non-finite loss still runs backward (same collectives on every
+                    # rank); its gradients are dropped with the step (_optimizer_step), like a non-finite gradient.
+                    finite &= torch.isfinite(loss.detach())
                     self.engine.backward(loss * backward_scale(self.dist.world_size), scale_wrt_gas=False)
-                finite = gdist.all_reduce_max_int(0 if finite else 1, self.device) == 0
+                finite = gdist.all_reduce_max_int(0 if bool(finite) else 1, self.device) == 0
                 lr = lr_at(cfg, self.opt_steps)
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = lr
@@ -354,11 +405,6 @@ class Trainer:
             return not opt.has_overflow(partition_gradients=True)
         bad = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in self.module.parameters())
         return gdist.all_reduce_max_int(int(bad), self.device) == 0
-
-    def _zero_touch(self, mb: MicroBatch) -> torch.Tensor:
-        """A zero loss through every parameter, replacing a non-finite one so collectives stay in step."""
-        lp, _, _ = self.engine(mb, self.cfg.rollout.temperature, with_entropy=False)
-        return lp.sum() * 0.0
 
     def _count_align_groups(self, groups: list[Group]) -> int:
         if self.cfg.algorithm.hidden_align_coef <= 0:

@@ -534,7 +534,30 @@ def fused_logprob_entropy(
         # Keep the graph connected so .backward() on an empty batch still reaches hidden/weight.
         tie = (hidden.sum() + weight.sum()).to(stat_dtype) * 0
         return empty + tie, empty + tie
+    if (resolved == "torch" and chunk_size is None and vocab_chunk_size is None
+            and hidden.shape[0] * weight.shape[0] <= PLAIN_MAX_LOGITS):
+        return _plain_logprob_entropy(hidden, weight, targets, float(temperature), bool(with_entropy))
     return _LogprobEntropyFunction.apply(
         hidden, weight, targets.long().contiguous(), 1.0 / float(temperature), bool(with_entropy),
         chunk_size, vocab_chunk_size, resolved,
     )
+
+
+# The "torch" backend with default chunk sizes on a small problem: when the fp32 [N, V] logits are at most this
+# many elements (16 MiB), smaller than the chunked path's own forward chunk would be, plain autograd over them
+# (3 GEMMs, no recompute, no per-slice loop) is the faster way on CPU; same values to fp32 rounding.
+PLAIN_MAX_LOGITS = 1 << 22
+
+
+def _plain_logprob_entropy(hidden, weight, targets, temperature: float, with_entropy: bool):
+    compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = (hidden.to(compute_dtype) @ weight.to(compute_dtype).T) / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    valid = targets != -100
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    zero = torch.zeros((), dtype=compute_dtype, device=hidden.device)
+    logprob = torch.where(valid, logp.gather(1, safe[:, None]).squeeze(1), zero)
+    if not with_entropy:
+        return logprob, torch.zeros_like(logprob, requires_grad=False)
+    entropy = torch.where(valid, -(logp.exp() * logp).sum(dim=-1), zero)
+    return logprob, entropy

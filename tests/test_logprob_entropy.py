@@ -362,3 +362,27 @@ def test_gpu_peak_memory_bounded(n, d):
     extra = torch.cuda.max_memory_allocated() - base - grads
     assert extra <= lpe._WORKSPACE_BYTES + 64 * n + (64 << 20), extra
     assert extra <= 10**9
+
+
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_small_torch_problems_take_plain_autograd_with_the_same_result(monkeypatch, with_entropy):
+    """The torch backend with default chunk sizes runs plain autograd over the [N, V] logits when they are at most
+    PLAIN_MAX_LOGITS elements (faster on CPU), else the chunked algorithm: same values and gradients."""
+    import kernels.logprob_entropy as le
+
+    torch.manual_seed(1)
+    n, d, v = 37, 24, 101
+    h0, w0 = torch.randn(n, d, dtype=torch.float64), torch.randn(v, d, dtype=torch.float64)
+    targets = torch.randint(0, v, (n,))
+    targets[[3, 20]] = -100
+    g_lp, g_ent = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    out = {}
+    for name, limit in (("plain", n * v), ("chunked", n * v - 1)):
+        monkeypatch.setattr(le, "PLAIN_MAX_LOGITS", limit)
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        lp, ent = fused_logprob_entropy(h, w, targets, 0.7, backend="torch", with_entropy=with_entropy)
+        ((lp * g_lp).sum() + ((ent * g_ent).sum() if with_entropy else 0)).backward()
+        out[name] = (lp.detach(), ent.detach(), h.grad, w.grad)
+    for a, b in zip(out["plain"], out["chunked"]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert not with_entropy or out["plain"][1].abs().sum() > 0

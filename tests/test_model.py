@@ -308,6 +308,29 @@ def test_lm_head_fused_logprob_matches_log_softmax():
     torch.testing.assert_close(entropy[valid].double(), ref_ent[valid], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("lengths,padded", [([5, 1, 12, 7, 9, 11], True), ([40, 2, 3], False)],
+                         ids=["padded-batch", "block-mask"])
+def test_packed_sdpa_layouts_match_per_sequence_with_gradients(lengths, padded):
+    """Packed SDPA runs as a right-padded batch when that is cheaper than the block-diagonal mask (many short
+    sequences), else with the mask; both give the per-sequence outputs and gradients (fp64, exact)."""
+    model = _tiny("qwen2", dtype=torch.float64, scale=8.0)
+    seqs = [torch.randint(0, VOCAB, (n,)) for n in lengths]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    _, ctx = model._varlen_context(1, sum(lengths), None, cu, torch.device("cpu"), torch.float64)
+    assert (ctx.pad_index is not None) == padded and (ctx.mask is None) == padded
+    upstream = torch.randn(sum(lengths), 48, dtype=torch.float64)
+    model.zero_grad()
+    (model(torch.cat(seqs)[None], cu_seqlens=cu)[0] * upstream).sum().backward()
+    grads_packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    sum((model(s[None])[0] * u).sum() for s, u in zip(seqs, upstream.split(lengths))).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads_packed[n], p.grad, atol=1e-10, rtol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.cat(seqs)[None], cu_seqlens=cu)[0],
+                                   torch.cat([model(s[None])[0] for s in seqs]), atol=1e-10, rtol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["auto", "sdpa"])
 def test_gpu_bf16_packed_and_cache_match(backend):

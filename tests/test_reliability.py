@@ -307,7 +307,9 @@ TINY = [
 
 
 def _optimizer_step_count(trainer) -> int:
-    steps = {int(st["step"]) for st in trainer.engine.optimizer.optimizer.state.values() if "step" in st}
+    opt = trainer.engine.optimizer
+    opt = getattr(opt, "optimizer", opt)  # the torch optimizer inside a ZeRO wrapper (stage 0 on one rank: itself)
+    steps = {int(st["step"]) for st in opt.state.values() if "step" in st}
     return steps.pop() if steps else 0
 
 

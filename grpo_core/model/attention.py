@@ -67,6 +67,11 @@ class AttnContext:
     cu_seqlens: torch.Tensor | None = None  # int32 [S + 1], varlen only
     max_seqlen: int = 0  # longest packed sequence, flash varlen only
     mask: torch.Tensor | None = None  # bool, True = attend: [1, 1, total, total] varlen-SDPA / [B, 1, T, L + 1] cache
+    # varlen-SDPA as a right-padded batch [S, L] (when cheaper than the block-diagonal mask, see
+    # CausalLM._varlen_context): pad_index [S, L] packed token of each padded slot (clamped inside the stream),
+    # unpad_index [total] padded slot (s * L + t) of each packed token.
+    pad_index: torch.Tensor | None = None
+    unpad_index: torch.Tensor | None = None
     cache: KVCache | None = None
     write_slot: torch.Tensor | None = None  # [B, T] long, cache only
     batch_index: torch.Tensor | None = None  # [B, T] long row index for the cache scatter
@@ -115,6 +120,8 @@ class Attention(nn.Module):
             out = self._cached(q, k, v, ctx)
         elif ctx.use_flash:
             out = self._flash(q, k, v, ctx)
+        elif ctx.kind == "varlen" and ctx.pad_index is not None:
+            out = self._padded_varlen(q, k, v, ctx)
         elif ctx.kind == "varlen":
             out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx.mask, causal=False)
             out = out.transpose(1, 2)
@@ -122,6 +129,18 @@ class Attention(nn.Module):
             out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, causal=True)
             out = out.transpose(1, 2)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
+
+    @staticmethod
+    def _padded_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """Packed [1, total, H, hd] -> a right-padded batch [S, H, L, hd] -> causal SDPA -> packed again.
+        Exact: a real token attends only to earlier tokens of its own sequence, all real (padding sits at the end
+        of each row); padded queries are dropped and padded keys are seen by padded queries only, so they get
+        no gradient. Attention work is S * L^2 instead of total^2, and no [total, total] mask is built."""
+        s_count, length = ctx.pad_index.shape
+        pad = lambda x: x[0][ctx.pad_index].transpose(1, 2)  # [S, L, h, hd] -> [S, h, L, hd]
+        out = _sdpa(pad(q), pad(k), pad(v), None, causal=True)  # [S, H, L, hd]
+        out = out.transpose(1, 2).reshape(s_count * length, *out.shape[1:2], out.shape[-1])
+        return out[ctx.unpad_index][None]
 
     def _cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         """Scatter the new k/v into the cache, then attend over the whole slab with a per-row position mask."""

@@ -257,6 +257,17 @@ class CausalLM(nn.Module):
         if use_flash_attn(self.attn_backend, device, dtype):
             max_seqlen = int((cu[1:] - cu[:-1]).max())  # one host sync per forward, needed by flash-attn
             return positions, AttnContext("varlen", use_flash=True, cu_seqlens=cu, max_seqlen=max_seqlen)
+        # SDPA over a right-padded batch [S, L] when its attention work S * L^2 is below that of one
+        # block-diagonal [total, total] mask (many short sequences: the training micro-batches), else the mask.
+        lengths = cu[1:] - cu[:-1]
+        max_len = int(lengths.max())  # one host sync per forward (free on CPU; the flash path has it too)
+        n_seq = lengths.numel()
+        if n_seq > 1 and n_seq * max_len * max_len < seq * seq:
+            offsets = torch.arange(max_len, device=device)
+            starts = cu[:-1].long()
+            pad_index = (starts[:, None] + offsets[None, :]).clamp(max=seq - 1)
+            unpad_index = seq_id * max_len + (token - starts[seq_id.clamp(max=n_seq - 1)])
+            return positions, AttnContext("varlen", pad_index=pad_index, unpad_index=unpad_index)
         # SDPA: block-diagonal causal mask [1, 1, total, total], True = attend.
         mask = (seq_id[:, None] == seq_id[None, :]) & (token[None, :] <= token[:, None])
         return positions, AttnContext("varlen", mask=mask[None, None])
