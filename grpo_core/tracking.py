@@ -108,7 +108,7 @@ CURVE_PANELS: tuple[tuple[str, str, float, tuple[tuple[str, str], ...]], ...] = 
      (("clip/low_frac", "ratio < 1 - eps_low"), ("clip/high_frac", "ratio > 1 + eps_high"))),
     ("NSR rescued tokens", "% of response tokens", 100.0, (("nsr/rescue_frac", "rescued"),)),
     ("Hidden-Align", "cosine to group anchor", 1.0, (("hidden_align/cos", "mean cosine"),)),
-    ("KL to the old policy", "nats per token", 1.0, (("kl_old/approx", "approx. KL"), ("actor/kl_ref", "KL to ref"))),
+    ("KL to the old policy", "nats per token", 1.0, (("kl_old/approx", "approx. KL"), ("loss/kl_ref_agg", "KL to ref"))),
     ("gradient norm", "L2 norm (before clipping)", 1.0, (("grad_norm", "grad norm"),)),
     ("step time", "seconds per step", 1.0,
      (("time/rollout_s", "rollout"), ("time/update_s", "update"), ("time/old_logprob_s", "old logprobs"))),
