@@ -258,7 +258,7 @@ class Scorer:
         r = cfg.reward
         self.settings = RewardSettings.from_config(r, cfg.rollout.max_new_tokens)
         self.verify_config = VerifyConfig(extract=ExtractConfig(bare_max_chars=r.bare_answer_max_chars))
-        self.explicit_config = VerifyConfig(extract=ExtractConfig(bare_max_chars=0))
+        self.explicit_config = VerifyConfig(extract=ExtractConfig(bare_max_chars=0, use_final_sentence=False))
         self.default_spec = r.custom_function or r.default
         self.by_source = dict(r.by_source)
         specs = {self.default_spec, *self.by_source.values()}
