@@ -44,6 +44,13 @@ def _is_word_answer(text: str) -> bool:
     return (any(len(w) >= 3 for w in words) or words == ["no"]) and not any(w in MATH_NAMES for w in words)
 
 
+def _is_prose(text: str) -> bool:
+    """Three or more plain words of >= 3 letters (not \\commands, not math names): a sentence."""
+    text = re.sub(r"\\(?:begin|end)\s*\{[^{}]*\}", " ", text)
+    words = [w for w in re.findall(r"(?<![\\A-Za-z])[A-Za-z]{3,}", text) if w.lower() not in MATH_NAMES]
+    return len(words) >= 3
+
+
 @dataclass(frozen=True)
 class VerifyConfig:
     """Options of the verifier."""
@@ -144,6 +151,8 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
         # Word answers ("yes", "Monday", "odd") compare as case-insensitive text, not as symbol products.
         ok = " ".join(na.text.lower().split()) == " ".join(ng.text.lower().split())
         return ok, ("correct" if ok else "wrong")
+    if _is_prose(na.text):  # "Let me think. First, 12 apples...": words, not a formula
+        return False, "unparsable"
     gold_letter = _GOLD_CHOICE.fullmatch(ng.text) or _GOLD_CHOICE_WITH_VALUE.fullmatch(ng.text)
     if gold_letter:
         ok = choice_letter(na.text) == gold_letter.group(1)

@@ -201,7 +201,7 @@ def _symbolic_equal(a, b, free) -> bool:
     agree = 0
     for _ in range(_RNG_POINTS):
         point = {s: sympy.Rational(rng.randint(500, 2500), 1000) for s in symbols}
-        xa, xb = a.subs(point), b.subs(point)
+        xa, xb = a.xreplace(point), b.xreplace(point)  # xreplace: plain substitution, much cheaper than subs
         if xa.is_Rational and xb.is_Rational:  # exact: no tolerance can hide a +1 under (x+2)^500
             if xa != xb:
                 return False
@@ -511,17 +511,30 @@ def _relations_equal(a: Relation, b: Relation, sa=_PLAIN, sb=_PLAIN) -> bool:
         da, db = a.terms[0] - a.terms[1], b.terms[0] - b.terms[1]
         if db == 0:
             return da == 0
-        ratio = da / db
-        free = ratio.free_symbols
+        free = da.free_symbols | db.free_symbols
         if not free:
-            return ratio != 0 and ratio.is_finite is not False
+            return da / db != 0
         rng = random.Random(99)
-        values = []
+        ratios = []
         for _ in range(_RNG_POINTS):
-            v = _numeric(ratio.subs({s: sympy.Rational(rng.randint(500, 2500), 1000) for s in free}))
-            if v is not None:
-                values.append(v)
-        return len(values) >= 3 and abs(values[0]) > 1e-12 and all(_close(v, values[0], _REL_SYMBOLIC) for v in values)
+            point = {sym: sympy.Rational(rng.randint(500, 2500), 1000) for sym in free}
+            xa, xb = da.xreplace(point), db.xreplace(point)
+            if xa.is_Rational and xb.is_Rational:  # exact for polynomial / rational equations
+                if xb == 0:
+                    if xa != 0:
+                        return False
+                    continue
+                ratios.append(xa / xb)
+                continue
+            va, vb = _numeric(xa), _numeric(xb)
+            if va is None or vb is None or abs(vb) < 1e-12:
+                continue
+            ratios.append(va / vb)
+        if len(ratios) < 3 or ratios[0] == 0:
+            return False
+        first = ratios[0]
+        return all(r == first if isinstance(r, sympy.Basic) and isinstance(first, sympy.Basic)
+                   else _close(complex(r), complex(first), _REL_SYMBOLIC) for r in ratios)
     if len(a.terms) != len(b.terms):
         return False
     same = all(structures_equal(x, y, sa, sb) for x, y in zip(a.terms, b.terms))
