@@ -1,8 +1,9 @@
 """The public single-item API: :func:`verify`, :func:`judge`, :func:`extract_answer`, :func:`canonical_answer`.
 
 ``verify(response, gold)`` never raises and is bounded for any ``str``: the response is scanned with
-linear-time string operations only, the answer span is capped at MAX_ANSWER_CHARS, the parser bounds
-depth and number sizes, and on the main thread a SIGALRM guard (``VerifyConfig.timeout_s``) interrupts a
+linear-time string operations only, the answer span is capped at MAX_ANSWER_CHARS (a plain number literal at
+MAX_LITERAL_CHARS: long literals compare as digit strings or exact integers), the parser bounds
+depth and number sizes (what is expensive, not what is long: ``2^{65536}`` is evaluated, ``9^{9^9}`` is not), and on the main thread a SIGALRM guard (``VerifyConfig.timeout_s``) interrupts a
 slow symbolic step (reported as reason ``"timeout"``, scored incorrect). For a hard bound in any thread use
 :class:`grpo_core.verify.pool.VerifierPool`, which kills a worker that overruns.
 """
