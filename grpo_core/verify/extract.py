@@ -116,24 +116,29 @@ def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
     return tail[0] if tail else None
 
 
+_BRACE_CHARS_RE = re.compile(r"[\\{}]")
+
+
 def match_brace(text: str, open_pos: int, limit: int = MAX_ANSWER_CHARS) -> int:
     """Index of the ``}`` closing the ``{`` at ``open_pos`` (escaped ``\\{``/``\\}`` skipped), or -1 if
-    there is none within ``limit`` characters. O(limit)."""
+    there is none within ``limit`` characters. O(limit), visiting only backslashes and braces."""
     depth = 0
     end = min(len(text), open_pos + limit + 2)
-    i = open_pos
-    while i < end:
+    skip_to = -1
+    for m in _BRACE_CHARS_RE.finditer(text, open_pos, end):
+        i = m.start()
+        if i < skip_to:
+            continue
         ch = text[i]
         if ch == "\\":
-            i += 2
+            skip_to = i + 2
             continue
         if ch == "{":
             depth += 1
-        elif ch == "}":
+        else:
             depth -= 1
             if depth == 0:
                 return i
-        i += 1
     return -1
 
 
