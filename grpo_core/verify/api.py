@@ -152,6 +152,8 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
         # Word answers ("yes", "Monday", "odd") compare as case-insensitive text, not as symbol products.
         ok = " ".join(na.text.lower().split()) == " ".join(ng.text.lower().split())
         return ok, ("correct" if ok else "wrong")
+    if _is_prose(ng.text):
+        return False, "gold_unparsable"
     if _is_prose(na.text):  # "Let me think. First, 12 apples...": words, not a formula
         return False, "unparsable"
     gold_letter = _GOLD_CHOICE.fullmatch(ng.text) or _GOLD_CHOICE_WITH_VALUE.fullmatch(ng.text)
