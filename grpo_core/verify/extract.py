@@ -3,7 +3,8 @@
 Extraction order (first that applies wins; each rule can be switched off in :class:`ExtractConfig`):
 
 0. text after the first chat-template token (``<|im_end|>``, ``<|im_start|>``, ``<|endoftext|>``,
-   ``<|eot_id|>``, ``</s>``, ...) is ignored: it is a hallucinated next turn, not the answer;
+   ``<|eot_id|>``, ``</s>``, ..., or a blank line followed by ``Human:`` / ``User:``) is ignored: it is a
+   hallucinated next turn, not the answer;
 1. the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (real brace matching; also the ``\\boxed 5`` form). Boxes
    that directly precede it, separated only by commas, "and"/"or", ``$`` or spacing
    (``\\boxed{3}, \\boxed{4}``), are joined into one list answer. If the last box is unterminated or
@@ -76,6 +77,7 @@ _MATH_RE = re.compile(r"\$([^$]{1,%d})\$" % MAX_ANSWER_CHARS)
 _TEMPLATE_RE = re.compile(
     r"<\|(?:im_end|im_start|endoftext|eot_id|end_of_text|start_header_id|end|user|assistant|system)\|>"
     r"|</s>|<end_of_turn>|<start_of_turn>|<\uff5c(?:end\u2581of\u2581sentence|User|Assistant)\uff5c>"
+    r"|\n\n(?:Human|User|USER):"
 )
 _BOX_GAP_RE = re.compile(
     r"(?:\s|\$|,|;|\\quad|\\qquad|\\[,;: ]|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|\\(?:text|mathrm)\{\s*\})*"
