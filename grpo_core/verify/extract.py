@@ -90,7 +90,8 @@ _BOILERPLATE_RE = re.compile(
     re.IGNORECASE,
 )
 _VERB_RE = re.compile(
-    r"(?:\b(?:is|are|was|equals|equal to|be|becomes|gives|get|obtain)\b|=|:|\bby(?=\s*[\d.]+\s*\\?%))\s*",
+    r"(?:\b(?:is|are|was|equals|equal to|be|becomes|gives|get|obtain|it's|that's)(?![\w'])|=|:"
+    r"|\bby(?=\s*[\d.]+\s*\\?%))\s*",
     re.IGNORECASE,
 )
 _CONCLUSION_RE = re.compile(
