@@ -78,7 +78,7 @@ _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _MIXED_RE = re.compile(r"([-+]?)(\d+) +(\d+) */ *(\d+)")
 _TRAILING_WORDS_RE = re.compile(r"(?:\s+(?:[A-Za-z]{2,}(?:/[A-Za-z]+)*|[A-Za-z]/[A-Za-z]+)\.?(?:\^\{?\d\}?)?)+\s*$")
 _ATTACHED_UNIT_RE = re.compile(
-    r"(?<=\d)\s*(?:(?:cm|mm|km|kg|mg|ml|mL|ft|in|lb|lbs|oz|mph|hrs?|min|sec|m|g|s|h)(?:\^\{?[23]\}?)"
+    r"(?<=\d)\s*(?:(?:cm|mm|km|m|ft|in)(?:\^\{?[23]\}?)"
     r"|(?:cm|mm|km|kg|mg|ml|mL|ft|lbs?|oz|mph|hrs?|min|sec|km/h|m/s))$"
 )
 _REPEATING_RE = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\s*\{\s*(\d{1,50})\s*\}")
