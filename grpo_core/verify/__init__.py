@@ -10,6 +10,23 @@ Public API::
     VerifierPool(workers=2, timeout_s=2.0, config=None)  # reusable killable process pool
 
 Model text is never evaluated as code (own tokenizer + parser into sympy; no eval/sympify/parse_expr).
+
+Where the answer is found: :mod:`grpo_core.verify.extract` (last box, adjacent boxes joined; final-answer
+phrases; the final sentence; a short bare response; nothing after a chat-template token). What counts as
+equal: :mod:`grpo_core.verify.equivalence`. The two rules that decide reward hacking:
+
+* Decimal rounding rule. Numbers are exact (``0.5`` is 1/2); no relative tolerance is ever applied to
+  numbers. A rounded decimal matches only another decimal: a gold decimal with d >= 2 places is the rounded
+  one and accepts a response decimal with more than d places that rounds to it (gold ``2.72`` accepts
+  ``2.718``; refuses ``2.7``, ``2.73``, ``e``). An exact value (fraction, radical, constant) never matches a
+  rounded decimal either way (``\\frac{2}{3}`` is not ``0.67``, ``\\sqrt{3}`` is not ``1.732``,
+  ``2.71828`` is not ``e``). A gold with 0 or 1 places is exact (``0.5`` refuses ``0.46``). Entry by entry
+  inside tuples, intervals and matrices.
+* Unordered-set rule. Order is ignored only where the gold is a set or a list of solutions: written
+  ``\\{..\\}``, joined by "and"/"or", ``x = 1, x = 2`` (one unknown), ``;``-separated solutions
+  (``a=3,b=1; a=5,b=1``), a list of tuples, or a plain comma list that is sorted (its order carries no
+  information). Any other gold list is ordered (``1, 5, -3`` refuses ``5, 1, -3``); brackets are ordered
+  tuples or intervals; ``a=3, b=1`` (distinct unknowns) is the tuple (3, 1).
 """
 
 from grpo_core.verify.api import (

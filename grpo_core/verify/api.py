@@ -1,8 +1,9 @@
 """The public single-item API: :func:`verify`, :func:`judge`, :func:`extract_answer`, :func:`canonical_answer`.
 
 ``verify(response, gold)`` never raises and is bounded for any ``str``: the response is scanned with
-linear-time string operations only, the answer span is capped at MAX_ANSWER_CHARS, the parser bounds
-depth and number sizes, and on the main thread a SIGALRM guard (``VerifyConfig.timeout_s``) interrupts a
+linear-time string operations only, the answer span is capped at MAX_ANSWER_CHARS (a plain number literal at
+MAX_LITERAL_CHARS: long literals compare as digit strings or exact integers), the parser bounds
+depth and number sizes (what is expensive, not what is long: ``2^{65536}`` is evaluated, ``9^{9^9}`` is not), and on the main thread a SIGALRM guard (``VerifyConfig.timeout_s``) interrupts a
 slow symbolic step (reported as reason ``"timeout"``, scored incorrect). For a hard bound in any thread use
 :class:`grpo_core.verify.pool.VerifierPool`, which kills a worker that overruns.
 """
@@ -42,6 +43,13 @@ def _is_word_answer(text: str) -> bool:
         return False
     words = text.lower().split()
     return (any(len(w) >= 3 for w in words) or words == ["no"]) and not any(w in MATH_NAMES for w in words)
+
+
+def _is_prose(text: str) -> bool:
+    """Three or more plain words of >= 3 letters (not \\commands, not math names): a sentence."""
+    text = re.sub(r"\\(?:begin|end)\s*\{[^{}]*\}", " ", text)
+    words = [w for w in re.findall(r"(?<![\\A-Za-z])[A-Za-z]{3,}", text) if w.lower() not in MATH_NAMES]
+    return len(words) >= 3
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,10 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
         # Word answers ("yes", "Monday", "odd") compare as case-insensitive text, not as symbol products.
         ok = " ".join(na.text.lower().split()) == " ".join(ng.text.lower().split())
         return ok, ("correct" if ok else "wrong")
+    if _is_prose(ng.text):
+        return False, "gold_unparsable"
+    if _is_prose(na.text):  # "Let me think. First, 12 apples...": words, not a formula
+        return False, "unparsable"
     gold_letter = _GOLD_CHOICE.fullmatch(ng.text) or _GOLD_CHOICE_WITH_VALUE.fullmatch(ng.text)
     if gold_letter:
         ok = choice_letter(na.text) == gold_letter.group(1)

@@ -22,7 +22,8 @@ Rules (the documented contract of :func:`grpo_core.verify.verify`):
   when too few points evaluate;
 * equations: an equation whose one side is a name states the other side's value (``x = 3``, ``|CD| = 2``,
   ``\\frac{PQ}{QR} = \\frac35``, ``S_1:S_2 = 5:9``, ``(a,b) = (4,1)``, ``f(3) = 10``, ``a+b = 11``: a name is a
-  symbol, a product/ratio of symbols, ``|name|``, a sum of names, a tuple of names or ``f(...)``); a chain
+  symbol, a product/ratio of symbols, ``|name|``, a tuple of names or ``f(...)``, and on the response side
+  also a sum of names; a gold ``x + y = 1`` is a line, not the value 1); a chain
   ``x = 4+4+2 = 10`` states its last side; a chain of constants ``4+4+2 = 10`` states its last side; an
   ``\\approx`` ends the chain (``x = 1/3 \\approx 0.33`` states 1/3). ``a+3z = 0`` states nothing (not a name).
   Two equations are equal if their sides match or ``lhs-rhs`` are proportional;
@@ -201,7 +202,7 @@ def _symbolic_equal(a, b, free) -> bool:
     agree = 0
     for _ in range(_RNG_POINTS):
         point = {s: sympy.Rational(rng.randint(500, 2500), 1000) for s in symbols}
-        xa, xb = a.subs(point), b.subs(point)
+        xa, xb = a.xreplace(point), b.xreplace(point)  # xreplace: plain substitution, much cheaper than subs
         if xa.is_Rational and xb.is_Rational:  # exact: no tolerance can hide a +1 under (x+2)^500
             if xa != xb:
                 return False
@@ -230,8 +231,8 @@ def _expand_pm(x):
     return x
 
 
-def _is_name(x) -> bool:
-    """A symbol, a product / ratio of symbols, |name|, a sum of names, a tuple of names, f(...)."""
+def _is_name(x, sums: bool = True) -> bool:
+    """A symbol, a product / ratio of symbols, |name|, a sum of names (when ``sums``), a tuple of names, f(...)."""
     if isinstance(x, sympy.Symbol):
         return x != PM
     if isinstance(x, sympy.Mul):
@@ -242,7 +243,7 @@ def _is_name(x) -> bool:
     if isinstance(x, sympy.Abs):
         return _is_name(x.args[0])
     if isinstance(x, sympy.Add):
-        return all(_is_name(t) for t in x.args)
+        return sums and all(_is_name(t) for t in x.args)
     if isinstance(x, Bracketed) and x.left == "(":
         return all(isinstance(t, sympy.Basic) and _is_name(t) for t in x.items)
     return False
@@ -252,8 +253,9 @@ def _is_constant(x) -> bool:
     return isinstance(x, sympy.Basic) and not x.free_symbols
 
 
-def _eq_value(rel: Relation):
-    """The value an answer equation states (see the module docstring), or None."""
+def _eq_value(rel: Relation, gold: bool = False):
+    """The value an answer equation states (see the module docstring), or None. A gold ``x + y = 1`` is an
+    equation answer (a line), so sums of names label a value only on the response side."""
     terms, ops = list(rel.terms), list(rel.ops)
     if "~" in ops:  # x = 1/3 \approx 0.33: the exact part before the approximation
         k = ops.index("~")
@@ -267,9 +269,10 @@ def _eq_value(rel: Relation):
     if not ops or any(op != "=" for op in ops):
         return None
     first, last = terms[0], terms[-1]
-    if _is_name(first) and not _is_name(last):
+    sums = not gold
+    if _is_name(first, sums) and not _is_name(last, sums):
         return last
-    if _is_name(last) and not _is_name(first):
+    if _is_name(last, sums) and not _is_name(first, sums):
         return first
     if all(_is_constant(t) for t in terms):
         return last
@@ -453,7 +456,7 @@ def structures_equal(a, b, na=None, nb=None) -> bool:
         if value is not None:
             return structures_equal(value, b, sa, sb)
     if isinstance(b, Relation) and not isinstance(a, Relation):
-        value = _eq_value(b)
+        value = _eq_value(b, gold=True)
         if value is not None:
             return structures_equal(a, value, sa, sb)
     ia, ib = as_intervals(a), as_intervals(b)
@@ -462,7 +465,7 @@ def structures_equal(a, b, na=None, nb=None) -> bool:
     if isinstance(a, sympy.Basic) and isinstance(b, sympy.Basic):
         return scalar_equal(a, b, sa, sb)
     if isinstance(a, Relation) and isinstance(b, Relation):
-        va, vb = _eq_value(a), _eq_value(b)
+        va, vb = _eq_value(a), _eq_value(b, gold=True)
         if _relations_equal(a, b, sa, sb):
             return True
         if va is not None and vb is not None and isinstance(va, sympy.Basic) and isinstance(vb, sympy.Basic):
@@ -511,17 +514,30 @@ def _relations_equal(a: Relation, b: Relation, sa=_PLAIN, sb=_PLAIN) -> bool:
         da, db = a.terms[0] - a.terms[1], b.terms[0] - b.terms[1]
         if db == 0:
             return da == 0
-        ratio = da / db
-        free = ratio.free_symbols
+        free = da.free_symbols | db.free_symbols
         if not free:
-            return ratio != 0 and ratio.is_finite is not False
+            return da / db != 0
         rng = random.Random(99)
-        values = []
+        ratios = []
         for _ in range(_RNG_POINTS):
-            v = _numeric(ratio.subs({s: sympy.Rational(rng.randint(500, 2500), 1000) for s in free}))
-            if v is not None:
-                values.append(v)
-        return len(values) >= 3 and abs(values[0]) > 1e-12 and all(_close(v, values[0], _REL_SYMBOLIC) for v in values)
+            point = {sym: sympy.Rational(rng.randint(500, 2500), 1000) for sym in free}
+            xa, xb = da.xreplace(point), db.xreplace(point)
+            if xa.is_Rational and xb.is_Rational:  # exact for polynomial / rational equations
+                if xb == 0:
+                    if xa != 0:
+                        return False
+                    continue
+                ratios.append(xa / xb)
+                continue
+            va, vb = _numeric(xa), _numeric(xb)
+            if va is None or vb is None or abs(vb) < 1e-12:
+                continue
+            ratios.append(va / vb)
+        if len(ratios) < 3 or ratios[0] == 0:
+            return False
+        first = ratios[0]
+        return all(r == first if isinstance(r, sympy.Basic) and isinstance(first, sympy.Basic)
+                   else _close(complex(r), complex(first), _REL_SYMBOLIC) for r in ratios)
     if len(a.terms) != len(b.terms):
         return False
     same = all(structures_equal(x, y, sa, sb) for x, y in zip(a.terms, b.terms))

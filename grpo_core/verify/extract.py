@@ -3,7 +3,8 @@
 Extraction order (first that applies wins; each rule can be switched off in :class:`ExtractConfig`):
 
 0. text after the first chat-template token (``<|im_end|>``, ``<|im_start|>``, ``<|endoftext|>``,
-   ``<|eot_id|>``, ``</s>``, ...) is ignored: it is a hallucinated next turn, not the answer;
+   ``<|eot_id|>``, ``</s>``, ..., or a blank line followed by ``Human:`` / ``User:``) is ignored: it is a
+   hallucinated next turn, not the answer;
 1. the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (real brace matching; also the ``\\boxed 5`` form). Boxes
    that directly precede it, separated only by commas, "and"/"or", ``$`` or spacing
    (``\\boxed{3}, \\boxed{4}``), are joined into one list answer. If the last box is unterminated or
@@ -76,6 +77,7 @@ _MATH_RE = re.compile(r"\$([^$]{1,%d})\$" % MAX_ANSWER_CHARS)
 _TEMPLATE_RE = re.compile(
     r"<\|(?:im_end|im_start|endoftext|eot_id|end_of_text|start_header_id|end|user|assistant|system)\|>"
     r"|</s>|<end_of_turn>|<start_of_turn>|<\uff5c(?:end\u2581of\u2581sentence|User|Assistant)\uff5c>"
+    r"|\n\n(?:Human|User|USER):"
 )
 _BOX_GAP_RE = re.compile(
     r"(?:\s|\$|,|;|\\quad|\\qquad|\\[,;: ]|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|\\(?:text|mathrm)\{\s*\})*"
@@ -88,7 +90,8 @@ _BOILERPLATE_RE = re.compile(
     re.IGNORECASE,
 )
 _VERB_RE = re.compile(
-    r"(?:\b(?:is|are|was|equals|equal to|be|becomes|gives|get|obtain)\b|=|:|\bby(?=\s*[\d.]+\s*\\?%))\s*",
+    r"(?:\b(?:is|are|was|equals|equal to|be|becomes|gives|get|obtain|it's|that's)(?![\w'])|=|:"
+    r"|\bby(?=\s*[\d.]+\s*\\?%))\s*",
     re.IGNORECASE,
 )
 _CONCLUSION_RE = re.compile(
@@ -116,24 +119,29 @@ def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
     return tail[0] if tail else None
 
 
+_BRACE_CHARS_RE = re.compile(r"[\\{}]")
+
+
 def match_brace(text: str, open_pos: int, limit: int = MAX_ANSWER_CHARS) -> int:
     """Index of the ``}`` closing the ``{`` at ``open_pos`` (escaped ``\\{``/``\\}`` skipped), or -1 if
-    there is none within ``limit`` characters. O(limit)."""
+    there is none within ``limit`` characters. O(limit), visiting only backslashes and braces."""
     depth = 0
     end = min(len(text), open_pos + limit + 2)
-    i = open_pos
-    while i < end:
+    skip_to = -1
+    for m in _BRACE_CHARS_RE.finditer(text, open_pos, end):
+        i = m.start()
+        if i < skip_to:
+            continue
         ch = text[i]
         if ch == "\\":
-            i += 2
+            skip_to = i + 2
             continue
         if ch == "{":
             depth += 1
-        elif ch == "}":
+        else:
             depth -= 1
             if depth == 0:
                 return i
-        i += 1
     return -1
 
 

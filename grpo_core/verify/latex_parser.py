@@ -130,6 +130,8 @@ _FUNCTION_LETTERS = frozenset("fghP")
 """Single letters read as a function application when followed by "(": ``f(3) = 10`` names the value 10."""
 _IGNORED = frozenset({r"\angle", r"\measuredangle", r"\triangle", r"\overline", r"\overrightarrow", r"\vec", r"\hat"})
 MAX_MATRIX_CELLS = 400
+MAX_LETTERS = 200
+"""More single-letter symbols than this is prose, not a formula (and sympy's products of them get slow)."""
 MAX_BINOMIAL_DIGITS = 3000
 """sympy's binomial is slow far below MAX_RESULT_DIGITS (C(100000, 50000) takes seconds): its own bound."""
 _PLAIN_WORDS = sorted(
@@ -175,6 +177,8 @@ def tokenize(text: str) -> list[str]:
 class _Parser:
     def __init__(self, text: str):
         self.toks = tokenize(text)
+        if sum(1 for t in self.toks if t.isalpha()) > MAX_LETTERS:
+            raise TooBig("too many letters for a formula")
         self.i = 0
         self.depth = 0
         self.decimals: dict = {}  # |value| of each decimal literal -> its number of decimal places

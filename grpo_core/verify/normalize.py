@@ -78,7 +78,7 @@ _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _MIXED_RE = re.compile(r"([-+]?)(\d+) +(\d+) */ *(\d+)")
 _TRAILING_WORDS_RE = re.compile(r"(?:\s+(?:[A-Za-z]{2,}(?:/[A-Za-z]+)*|[A-Za-z]/[A-Za-z]+)\.?(?:\^\{?\d\}?)?)+\s*$")
 _ATTACHED_UNIT_RE = re.compile(
-    r"(?<=\d)\s*(?:(?:cm|mm|km|kg|mg|ml|mL|ft|in|lb|lbs|oz|mph|hrs?|min|sec|m|g|s|h)(?:\^\{?[23]\}?)"
+    r"(?<=\d)\s*(?:(?:cm|mm|km|m|ft|in)(?:\^\{?[23]\}?)"
     r"|(?:cm|mm|km|kg|mg|ml|mL|ft|lbs?|oz|mph|hrs?|min|sec|km/h|m/s))$"
 )
 _REPEATING_RE = re.compile(r"(?<![\d.])(\d*)\.(\d*)\\overline\s*\{\s*(\d{1,50})\s*\}")
@@ -104,6 +104,7 @@ _WORD_NUMBERS = {
 }
 _WORD_NUMBERS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80",
                       "ninety": "90", "hundred": "100", "thousand": "1000", "million": "1000000"})
+_LONG_LITERAL_RE = re.compile(r"[-+]?(?:\d+|\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+)(?:\.(\d+))?")
 _LABEL_RE = re.compile(r"^\s*[A-Za-z][A-Za-z ]{2,}\s*[=:]\s*(?=\S)")
 _SPACE_GROUPS_RE = re.compile(r"(?<![\d.])(\d{1,3})((?: \d{3})+)(?![\d/])")
 _DECIMAL_COMMA_RE = re.compile(r"(-?)(\d+),(\d+)")
@@ -158,6 +159,11 @@ def _unwrap_text_commands(s: str) -> str:
 def normalize_span(span: str) -> NormalizedAnswer:
     """Normalize an extracted answer span (see module docstring). Linear in len(span)."""
     s = span.strip()
+    if len(s) > 1000:  # only a plain number literal can be this long (extract._cap): skip the LaTeX passes
+        plain = _LONG_LITERAL_RE.fullmatch(s)
+        if plain:
+            s = s.replace(",", "").replace(" ", "")
+            return NormalizedAnswer(text=s, percent=False, decimals=len(plain.group(1)) if plain.group(1) else None)
     for ch, rep in _UNICODE.items():
         if ch in s:
             s = s.replace(ch, rep)
