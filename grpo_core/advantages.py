@@ -127,7 +127,8 @@ def edas_shape(
     beta: float = 0.2,
     kappa: float = 2.0,
 ) -> Tensor:
-    """Error-diversity advantage shaping (EDAS, docs/algorithms.md §1), applied after the estimator, to incorrect rollouts.
+    """Error-diversity advantage shaping (EDAS, docs/algorithms.md §1), applied after the estimator, to incorrect
+    rollouts.
 
     Per group, W = incorrect rollouts (N_w = |W|), partitioned into K classes C_k by canonical wrong answer;
     every response whose key is ``None`` (no extractable answer) falls in one shared class "none".
@@ -212,7 +213,8 @@ def edas_shape(
 
 
 def informative_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
-    """Bool [num_groups]: the group's rewards are not all equal (DAPO dynamic sampling keeps these, docs/algorithms.md §1).
+    """Bool [num_groups]: the group's rewards are not all equal (DAPO dynamic sampling keeps these,
+    docs/algorithms.md §1).
 
     Entry g refers to ``torch.unique(group_ids)[g]`` (groups in sorted id order).
     """
@@ -240,7 +242,8 @@ class DynamicSamplingStats:
 
 
 class DynamicSamplingBuffer:
-    """DAPO dynamic sampling (Yu et al. 2025, docs/algorithms.md §1): gather informative groups across generation rounds.
+    """DAPO dynamic sampling (Yu et al. 2025, docs/algorithms.md §1): gather informative groups across generation
+    rounds.
 
     Usage per optimizer step::
 

@@ -201,7 +201,8 @@ def approx_kl(logprob: Tensor, old_logprob: Tensor, mask: Tensor) -> Tensor:
         return (k3.sum() / mask.sum().clamp_min(1)).float()
 
 
-def response_length_stats(lengths: Tensor | Sequence[int], truncated: Sequence[bool] | None = None) -> dict[str, Tensor]:
+def response_length_stats(lengths: Tensor | Sequence[int],
+                          truncated: Sequence[bool] | None = None) -> dict[str, Tensor]:
     """Response length statistics (tokens): mean, std (population), min, max and, with ``truncated`` (one flag
     per response: generation stopped at max_new_tokens), the fraction cut ("response_len/truncated_frac")."""
     t = torch.as_tensor(lengths).detach().double().flatten()

@@ -1,4 +1,4 @@
-"""Advantage estimators, EDAS, dynamic sampling and FIPO against hand-computed numbers (docs/algorithms.md §1 and §5)."""
+"""Advantage estimators, EDAS, dynamic sampling and FIPO against hand-computed numbers (docs/algorithms.md §1, §5)."""
 import io
 import math
 
