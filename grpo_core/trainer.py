@@ -73,7 +73,6 @@ def lr_at(cfg: Config, opt_step: int) -> float:
 class Trainer:
     def __init__(self, cfg: Config, resume: str = "none", force: bool = False):
         from grpo_core.run_setup import prepare_run
-
         from grpo_core.runinfo import announce_deepspeed_build, print_header, provenance, quiet_known_warnings
 
         self.cfg = cfg
