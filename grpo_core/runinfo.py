@@ -188,4 +188,4 @@ def announce_deepspeed_build(device: str, file=None) -> None:
     target = deepspeed_build_pending(device)
     if target is not None and is_main_process():
         print(f"[grpo] first start-up on this machine: DeepSpeed now compiles its CPU communication op once "
-              f"(C++ compiler and ninja needed, 1-3 min; cached in {target})", file=file or sys.stderr, flush=True)
+              f"(C++ compiler and ninja needed, a few minutes; cached in {target})", file=file or sys.stderr, flush=True)
