@@ -386,7 +386,7 @@ def replay_update(a, trainer, groups, cfg, CausalLM, cProfile, pstats) -> dict:
     prof.disable()
     cats, syncs = profile_breakdown(pstats.Stats(prof))
     whole = sum(cats.values()) or 1.0
-    return {"update_parts_s_per_opt_step": parts,
+    return {**res, "update_parts_s_per_opt_step": parts,
             "update_profile_fraction": {k: v / whole for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
             "host_syncs_per_opt_step": {k: v / (a.replays * n_opt) for k, v in syncs.items()},
             "update_profile_note": "cProfile over the replayed update (deepcopy of the groups excluded only in "
