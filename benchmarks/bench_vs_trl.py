@@ -48,7 +48,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+
+def _trl_import_path() -> str:
+    """A directory holding only grpo_core (a link): the TRL child must not see this repo's top-level `kernels`
+    package, which transformers would take for the Hugging Face `kernels` hub package and import."""
+    shim = Path(tempfile.gettempdir()) / f"grpo_core_only_{os.getuid()}"
+    shim.mkdir(exist_ok=True)
+    link = shim / "grpo_core"
+    if not link.exists():
+        link.symlink_to(ROOT / "grpo_core")
+    return str(shim)
+
+
+_TRL_CHILD = "--child" in sys.argv and sys.argv[sys.argv.index("--child") + 1:][:1] == ["trl"]
+sys.path.insert(0, _trl_import_path() if _TRL_CHILD else str(ROOT))  # run as a script from anywhere
 
 PROMPT_TEMPLATE = "{prompt}\n"
 DEMO = ROOT / "configs" / "demo_cpu.yaml"
@@ -325,8 +339,10 @@ def replay_update(a, trainer, groups, cfg, CausalLM, cProfile, pstats) -> dict:
     # Same packed micro-batches as the trainer's (its own packing); old logprobs from the current policy.
     packed = [trainer._rank_micro_batches(mi) for mi in minis]
     if not (cfg.trainer.ppo_epochs == 1 and len(minis) == 1):
+        from grpo_core.metrics import UpdateMetrics
+
         for mbs in packed:
-            trainer._fill_old_logprobs(mbs)
+            trainer._fill_old_logprobs(mbs, UpdateMetrics())
     plain = CausalLM.from_pretrained(trainer.run.model_dir, dtype=torch.float32)
     plain.load_state_dict({k: v for k, v in trainer.gathered_state_dict().items()}, strict=False)
     plain.train()
@@ -370,7 +386,7 @@ def replay_update(a, trainer, groups, cfg, CausalLM, cProfile, pstats) -> dict:
     prof.disable()
     cats, syncs = profile_breakdown(pstats.Stats(prof))
     whole = sum(cats.values()) or 1.0
-    return {"update_parts_s_per_opt_step": parts,
+    return {**res, "update_parts_s_per_opt_step": parts,
             "update_profile_fraction": {k: v / whole for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
             "host_syncs_per_opt_step": {k: v / (a.replays * n_opt) for k, v in syncs.items()},
             "update_profile_note": "cProfile over the replayed update (deepcopy of the groups excluded only in "
@@ -500,7 +516,8 @@ def _child(a, mode: str, python: str, extra: list[str], timeout: float = 7200) -
            "--work-dir", a.work_dir, "--steps", str(a.steps), "--warmup-steps", str(a.warmup_steps),
            "--threads", str(a.threads), "--eval-prompts", str(a.eval_prompts), "--replays", str(a.replays),
            "--warm-start-steps", str(a.warm_start_steps), *sum((["--set", s] for s in a.set), []), *extra]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
+    path = _trl_import_path() if mode == "trl" else str(ROOT)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

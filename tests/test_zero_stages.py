@@ -54,7 +54,7 @@ def test_zero_stages_give_the_same_update_on_one_rank(tmp_path):
         w, m = results[stage]
         for k in base_w:  # the project's cross-layout tolerance (2 ranks vs 1): Adam amplifies rounding in
             # near-zero gradient entries to lr-sized steps, so bit equality across flat/partitioned buffers is moot
-            torch.testing.assert_close(w[k], base_w[k], atol=1e-5, rtol=0, msg=lambda e, stage=stage, k=k: f"stage {stage}, {k}: {e}")
+            torch.testing.assert_close(w[k], base_w[k], atol=1e-5, rtol=0, msg=lambda e, s=stage, k=k: f"stage {s}, {k}: {e}")
         for a, b in zip(m, base_m):
             for k in ("loss/policy", "loss/kl_ref_agg", "hidden_align/cos", "clip/high_frac", "grad_norm"):
                 assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (stage, k)
