@@ -167,6 +167,10 @@ def test_cli_reports_bad_requests(tmp_path, capsys):
     bad.write_text('{"prompt": "q", "answer": 3}\n')
     assert run_data_command(_parser().parse_args(["data", "validate", str(bad)])) == 1
     assert "bad.jsonl row 0: field 'answer' must be a string, got int" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert run_data_command(_parser().parse_args(["data", "validate", str(empty)])) == 1
+    assert "empty.jsonl: 0 rows" in capsys.readouterr().err
 
 
 def test_solutions_pass_the_project_verifier():

@@ -58,6 +58,8 @@ def _make_synthetic(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     for path in args.files:
         rows, columns = read_records(path)
+        if not rows:  # a run on it would have nothing to train or evaluate on
+            raise DataError(f"{path}: 0 rows (nothing to train or evaluate on)")
         fmt, samples = rows_to_samples(rows, columns, path, uid_prefix=path.stem,
                                        allow_unlabeled=args.allow_unlabeled)
         sources = Counter(s.data_source for s in samples)
