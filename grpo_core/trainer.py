@@ -46,7 +46,7 @@ from grpo_core.preempt import STOP
 from grpo_core.rollout.base import SamplingParams
 from grpo_core.rollout.factory import build_rollout_engine
 from grpo_core.run_setup import prepare_run
-from grpo_core.runinfo import announce_deepspeed_build, print_header, provenance, quiet_known_warnings
+from grpo_core.runinfo import print_header, provenance, quiet_known_warnings
 from grpo_core.tracking import MetricsLogger, plot_curves
 from grpo_core.weight_sync import sync_engine_weights
 
@@ -132,7 +132,6 @@ class Trainer:
         quiet_known_warnings()
         self.provenance = provenance(cfg)  # versions, threads, commit, seed: printed now, kept in summary.json
         print_header(cfg, self.provenance, resume)
-        announce_deepspeed_build(cfg.trainer.device)
         self.dist = gdist.init_distributed(cfg.trainer.device)
         self.device = self.dist.device
         self.out = Path(cfg.trainer.output_dir)

@@ -1,6 +1,5 @@
 """What a newcomer sees and gets from a run: curves.png, file modes, the run header and provenance, progress
 bars, a quiet console, and the starting recipe for a real instruct model."""
-import io
 import json
 import os
 import stat
@@ -158,25 +157,6 @@ def test_header_says_what_will_happen(tmp_path):
                    for line in plan), plan
     assert any("resume" in line for line in plan) and "checkpoint every 5 steps" in plan[-2]
     assert "step_000007" in plan[-1]
-
-
-def test_deepspeed_build_notice(tmp_path, monkeypatch):
-    from grpo_core.runinfo import announce_deepspeed_build, deepspeed_build_pending
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.delenv("RANK", raising=False)
-    assert deepspeed_build_pending("cpu") == tmp_path / "deepspeed_shm_comm"
-    buf = io.StringIO()
-    announce_deepspeed_build("cpu", file=buf)
-    assert buf.getvalue().count("\n") == 1 and "compiles" in buf.getvalue() and "C++ compiler" in buf.getvalue()
-    monkeypatch.setenv("RANK", "1")  # other ranks stay quiet
-    buf = io.StringIO()
-    announce_deepspeed_build("cpu", file=buf)
-    assert buf.getvalue() == ""
-    (tmp_path / "deepspeed_shm_comm").mkdir()
-    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
-    assert deepspeed_build_pending("cpu") is None  # built once: nothing to say
-    assert deepspeed_build_pending("cuda") is None
 
 
 # ---------------------------------------------------------------------------------------------- console
