@@ -282,6 +282,7 @@ class Scorer:
         self._custom_calls = collections.Counter()
         self._custom_ok = collections.Counter()
         self._printed_traceback = False
+        self._fatal: Optional[str] = None  # a stop decided on this rank, raised on all ranks by take_metrics
         self._lock = threading.Lock()
         self._reset_stats()
 
@@ -394,9 +395,15 @@ class Scorer:
                 results[i] = ScoreResult(correct=False, answer=None, canonical=None, reason="error", scorer=spec,
                                          score=self.settings.incorrect_value, error=True)
         if self._custom_ok[spec] == 0 and self._custom_calls[spec] >= self.cfg.reward.custom_error_limit:
-            raise RewardFunctionError(
-                f"custom reward '{spec}' failed on all of its first {self._custom_calls[spec]} calls "
-                f"(reward.custom_error_limit); fix the function (first error printed above)")
+            message = (f"custom reward '{spec}' failed on all of its first {self._custom_calls[spec]} calls "
+                       f"(reward.custom_error_limit); fix the function (first error printed above)")
+            import torch.distributed as dist  # lazy: the worker processes that import this module stay light
+
+            if not (dist.is_initialized() and dist.get_world_size() > 1):
+                raise RewardFunctionError(message)
+            # Several ranks: stop them together at the next take_metrics() (a collective), never one alone,
+            # which would leave the others waiting in the next collective.
+            self._fatal = self._fatal or message
 
     def _note_error(self, spec: str, message: str) -> None:
         with self._lock:
@@ -453,8 +460,11 @@ class Scorer:
         st = self._stats
         self._reset_stats()
         local = {"errors": st["errors"], "n": st["n"], "extras": {k: list(v) for k, v in st["extras"].items()},
-                 "sources": {k: list(v) for k, v in st["sources"].items()}}
+                 "sources": {k: list(v) for k, v in st["sources"].items()}, "fatal": self._fatal}
         parts = gdist.all_gather_objects(local)
+        fatal = next((p["fatal"] for p in parts if p.get("fatal")), None)
+        if fatal is not None:
+            raise RewardFunctionError(fatal)
         total = {"errors": 0, "n": 0, "extras": collections.defaultdict(lambda: [0.0, 0]),
                  "sources": collections.defaultdict(lambda: [0.0, 0.0, 0])}
         for p in parts:

@@ -239,3 +239,25 @@ def test_extra_info_passed_through_or_none_as_in_verl(tmp_path, reward_file):
     assert calls == [["x", "1", "1", None], ["x", "zz", "2", {"k": [1, 2]}]]
     plain = write_dataset([{"prompt": "q", "answer": "1", "extra_info": {"i": 7}}], tmp_path / "p.jsonl")
     assert PromptDataset(plain, _Tok())[0].extra_info == {"i": 7}
+
+
+def test_all_failed_stop_is_taken_by_every_rank_together(reward_file, monkeypatch):
+    """With several ranks the stop waits for take_metrics (a collective), so no rank stops alone."""
+    import torch.distributed as dist
+
+    from grpo_core import distributed as gdist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    peer = {"errors": 0, "n": 0, "extras": {}, "sources": {}, "fatal": None}
+    monkeypatch.setattr(gdist, "all_gather_objects", lambda obj: [obj, peer])
+    scorer = _scorer(f"reward.custom_function={reward_file}:always_broken", "reward.custom_error_limit=5")
+    scorer.score(["a"] * 6, ["x"] * 6, [0] * 6, rows=_rows(6))  # over the limit: no raise on this rank yet
+    with pytest.raises(RewardFunctionError, match=r"failed on all of its first 6 calls"):
+        scorer.take_metrics()
+    # a healthy rank stops too when its peer has decided to stop
+    ok = _scorer(f"reward.custom_function={reward_file}:always_broken", "reward.custom_error_limit=50")
+    ok.score(["a"], ["x"], [0], rows=_rows(1))
+    peer["fatal"] = "custom reward 'x' failed on all of its first 50 calls"
+    with pytest.raises(RewardFunctionError, match="first 50 calls"):
+        ok.take_metrics()

@@ -56,8 +56,10 @@ def test_zero_stages_give_the_same_update_on_one_rank(tmp_path):
             # near-zero gradient entries to lr-sized steps, so bit equality across flat/partitioned buffers is moot
             torch.testing.assert_close(w[k], base_w[k], atol=1e-5, rtol=0, msg=lambda e, s=stage, k=k: f"stage {s}, {k}: {e}")
         for a, b in zip(m, base_m):
-            for k in ("loss/policy", "loss/kl_ref_agg", "hidden_align/cos", "clip/high_frac", "grad_norm"):
-                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (stage, k)
+            assert "grad_norm" in a and "grad_norm" in b and set(a) == set(b)
+            for k in a:  # every metric (losses, KL, Hidden-Align, clip fractions, grad norm), timings aside
+                if not k.startswith("time/"):
+                    assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6, nan_ok=True), (stage, k)
 
 
 def test_one_rank_runs_unpartitioned_by_default():
