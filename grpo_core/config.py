@@ -78,8 +78,10 @@ class DataConfig:
                 _fail(f"{p}.chat_template_kwargs", f"keys must be identifiers, got {k!r}")
         if self.max_prompt_tokens <= 0:
             _fail(f"{p}.max_prompt_tokens", "must be > 0")
-        if self.synthetic_train_size <= 0 or self.synthetic_eval_size < 0:
-            _fail(f"{p}.synthetic_train_size", "must be > 0 (and synthetic_eval_size >= 0)")
+        if self.synthetic_train_size <= 0:
+            _fail(f"{p}.synthetic_train_size", "must be > 0")
+        if self.synthetic_eval_size < 0:
+            _fail(f"{p}.synthetic_eval_size", "must be >= 0")
         if self.prompt_template and "{prompt}" not in self.prompt_template:
             _fail(f"{p}.prompt_template", "must contain '{prompt}'")
 

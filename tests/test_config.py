@@ -148,6 +148,8 @@ def test_unknown_key_suggests_the_nearest(override, suggestion, tmp_path):
     ("trainer.lr=1e6", "trainer.lr", "must be in (0, 1]"),
     ("warm_start.lr=50", "warm_start.lr", "must be in (0, 1]"),
     ("trainer.max_consecutive_skips=0", "trainer.max_consecutive_skips", "must be >= 1"),
+    ("data.synthetic_eval_size=-1", "data.synthetic_eval_size", "must be >= 0"),  # was named synthetic_train_size
+    ("data.synthetic_train_size=0", "data.synthetic_train_size", "must be > 0"),
 ])
 def test_ranges_name_the_right_key(override, key, words):
     with pytest.raises(ConfigError) as e:
