@@ -16,8 +16,9 @@ Settings (the recipe's other keys unchanged; "baseline" = DAPO: clip-higher, dyn
         --warm-start-steps 10 --set trainer.eval_max_prompts=20                 # a smoke test (a minute or two)
     python benchmarks/ablations.py --report-only                               # redraw from finished runs
 
-Runs go to --runs-dir/<config>/seed<k>/ (metrics.jsonl, summary.json, train.log); a run whose summary.json
-exists is reused unless --rerun. Outputs: ablations.png, ablations.md and ablations.json in --out-dir.
+Runs go to --runs-dir/<config>/seed<k>/ (metrics.jsonl, summary.json; the console in seed<k>.train.log beside it); a
+run whose summary.json exists is reused unless --rerun, which passes `--force` so the trainer archives the old run
+into previous-<time>/ (nothing is deleted). Outputs: ablations.png, ablations.md and ablations.json in --out-dir.
 """
 from __future__ import annotations
 
@@ -89,9 +90,16 @@ def train_command(config: str, seed: int, run_dir: Path, a) -> list[str]:
         sets.append(f"trainer.eval_every={a.eval_every}")
     sets += list(a.set)
     cmd = [sys.executable, "-m", "grpo_core", "train", str(a.recipe)]
+    if run_dir.is_dir() and any(run_dir.iterdir()):  # a rerun, or a run that failed: archive it, never delete
+        cmd.append("--force")
     for s in sets:
         cmd += ["--set", s]
     return cmd
+
+
+def run_log(run_dir: Path) -> Path:
+    """Where a run's console output goes."""
+    return run_dir.with_name(f"{run_dir.name}.train.log")
 
 
 def run_all(a) -> dict[str, dict[int, Path]]:
@@ -99,26 +107,27 @@ def run_all(a) -> dict[str, dict[int, Path]]:
     runs = {c: {s: Path(a.runs_dir) / c / f"seed{s}" for s in a.seeds} for c in a.configs}
     todo = [(c, s, d) for c, by_seed in runs.items() for s, d in by_seed.items()
             if a.rerun or not (d / "summary.json").exists()]
-    running: list[tuple[str, int, subprocess.Popen, float]] = []
+    running: list[tuple[str, int, subprocess.Popen, float, Path]] = []
     failed = []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     while todo or running:
         while todo and len(running) < a.jobs:
             c, s, d = todo.pop(0)
-            d.mkdir(parents=True, exist_ok=True)
-            log = open(d / "train.log", "w", encoding="utf-8")
+            d.parent.mkdir(parents=True, exist_ok=True)
+            # the log sits beside the run dir: an archived rerun (--force) must not move the live log
+            log = open(run_log(d), "w", encoding="utf-8")
             print(f"[ablations] start {c} seed {s} -> {d}", flush=True)
             proc = subprocess.Popen(train_command(c, s, d, a), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                     env=env)
             log.close()
-            running.append((c, s, proc, time.time()))
+            running.append((c, s, proc, time.time(), d))
         time.sleep(1.0)
         for item in list(running):
-            c, s, proc, t0 = item
+            c, s, proc, t0, d = item
             if proc.poll() is None:
                 continue
             running.remove(item)
-            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see train.log)"
+            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {run_log(d)})"
             print(f"[ablations] {c} seed {s}: {status} in {time.time() - t0:.0f} s", flush=True)
             if proc.returncode != 0:
                 failed.append((c, s))

@@ -293,3 +293,9 @@ def test_ablation_commands_load_as_configs(tmp_path):
     assert (dr.advantage, dr.loss_agg, dr.nsr) == ("drgrpo", "seq-sum-constant", "off")
     with pytest.raises(ValueError, match="unknown ablation config"):
         abl.train_command("ppo2", 0, tmp_path, a)
+    # a rerun into a used run dir archives the old run (--force), a fresh dir does not; the log sits beside it
+    assert "--force" not in abl.train_command("dapo", 0, tmp_path / "fresh", a)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "summary.json").write_text("{}")
+    assert "--force" in abl.train_command("dapo", 0, tmp_path / "used", a)
+    assert abl.run_log(tmp_path / "used") == tmp_path / "used.train.log"
