@@ -39,7 +39,7 @@ def test_build_engine_without_vllm_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
-    with pytest.raises(ImportError, match=r"vllm>=0\.10\.2,<0\.35.*grpo-core\[gpu\]") as err:
+    with pytest.raises(ImportError, match=r"vllm>=0\.10\.2,<0\.35.*\.\[gpu\]") as err:
         build_engine("vllm", model_dir="unused")
     assert "\n" not in str(err.value)
 
@@ -47,7 +47,7 @@ def test_build_engine_without_vllm_names_the_extra(monkeypatch):
 def test_vllm_engine_without_cuda_names_cuda_and_the_extra(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _install_fake_vllm(monkeypatch)  # vLLM "installed": the CUDA check must still fail first, in one line
-    with pytest.raises(RuntimeError, match=r"CUDA.*grpo-core\[gpu\].*rollout.engine='torch'") as err:
+    with pytest.raises(RuntimeError, match=r"CUDA.*\.\[gpu\].*rollout.engine='torch'") as err:
         build_engine("vllm", model_dir="unused")
     assert "\n" not in str(err.value)
 
@@ -56,7 +56,7 @@ def test_vllm_engine_without_cuda_names_cuda_and_the_extra(monkeypatch):
 def test_too_old_vllm_is_refused(monkeypatch, version):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     _install_fake_vllm(monkeypatch, version=version)
-    with pytest.raises(ImportError, match=r"vllm>=0\.10\.2,<0\.35.*grpo-core\[gpu\]") as err:
+    with pytest.raises(ImportError, match=r"vllm>=0\.10\.2,<0\.35.*\.\[gpu\]") as err:
         ve.VLLMRolloutEngine("unused")
     assert "\n" not in str(err.value)
 
