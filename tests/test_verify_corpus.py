@@ -4,32 +4,16 @@ matrices, number formats, long literals and deep nesting, the rounding rule), ea
 must-match and must-not-match. The must-not-match cases are the reward-hacking guard: none may pass."""
 
 import collections
-import json
 import os
 import time
 
 import pytest
 
+from benchmarks.bench_verifier import load_cases
 from grpo_core.verify import judge
 
 CORPUS = os.path.join(os.path.dirname(__file__), "verifier_corpus", "cases.jsonl")
-
-
-def load_corpus(path: str = CORPUS) -> list[dict]:
-    """Rows {class, response, gold, expected[, note]}; a long response is stored as a repeat recipe
-    ``build: [prefix, unit, times, suffix]``."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            if "build" in row:
-                prefix, unit, times, suffix = row.pop("build")
-                row["response"] = prefix + unit * times + suffix
-            rows.append(row)
-    return rows
-
-
-ROWS = load_corpus()
+ROWS = load_cases(CORPUS)  # the benchmark's reader: one format, one expander
 
 
 def _id(i, row):
