@@ -2,10 +2,11 @@
 
 Both trainers start from the same warm-started tiny Qwen2 model (the CPU demo's: built, warm-started and exported
 in HF layout here, loaded by transformers for TRL), train on the same synthetic arithmetic prompts with the same
-reward (grpo-core's verifier, 1 correct / 0 otherwise) and matched settings: group 8, 16 prompts per RL step,
-32 new tokens, temperature 1, 2 optimizer steps per rollout batch (TRL: steps_per_generation=2), AdamW
-(lr 2e-4, 5 warmup steps, betas 0.9/0.999, no weight decay), grad clip 1.0, clip 0.2/0.28, token-mean
-(TRL loss_type "dapo"), no KL, fp32, the same torch thread count. grpo-core runs twice per pair:
+reward (grpo-core's verifier, 1 correct / 0 otherwise) and matched settings, read from configs/demo_cpu.yaml
+(MATCHED_KEYS; recorded under meta.matched_settings): group size, prompts per RL step, new tokens, temperature,
+optimizer steps per rollout batch (TRL: steps_per_generation), AdamW learning rate, warmup, schedule, betas, eps
+and weight decay, grad clip, clip eps low/high, token-mean (TRL loss_type "dapo"); no KL, fp32, the
+same torch thread count. grpo-core runs twice per pair:
 
     grpo-core (demo)  configs/demo_cpu.yaml's algorithm: dynamic sampling (generates more), NSR, Hidden-Align
     grpo-core (like)  the like-for-like variant: dynamic sampling, NSR and Hidden-Align off
@@ -66,16 +67,38 @@ sys.path.insert(0, _trl_import_path() if _TRL_CHILD else str(ROOT))  # run as a 
 
 PROMPT_TEMPLATE = "{prompt}\n"
 DEMO = ROOT / "configs" / "demo_cpu.yaml"
-# Matched settings (grpo-core config keys; TRL's equivalents in trl_child).
-MATCHED = ["rollout.group_size=8", "trainer.train_batch_prompts=16", "rollout.max_new_tokens=32",
-           "rollout.temperature=1.0", "trainer.mini_batches=2", "trainer.ppo_epochs=1", "trainer.lr=2e-4",
-           "trainer.warmup_steps=5", "trainer.grad_clip=1.0", "algorithm.eps_low=0.2", "algorithm.eps_high=0.28",
-           "algorithm.loss_agg=token-mean", "algorithm.kl_coef=0.0", "algorithm.entropy_coef=0.0",
-           "deepspeed.bf16=off"]
+# Matched settings: the demo's own values of these grpo-core keys (read from configs/demo_cpu.yaml by the parent,
+# passed to every child; TRL's equivalents in trl_child), plus what TRL's run has and the demo may not.
+MATCHED_KEYS = ("rollout.group_size", "trainer.train_batch_prompts", "rollout.max_new_tokens", "rollout.temperature",
+                "trainer.mini_batches", "trainer.ppo_epochs", "trainer.lr", "trainer.warmup_steps",
+                "trainer.lr_schedule", "trainer.min_lr_ratio", "trainer.grad_clip", "algorithm.eps_low",
+                "algorithm.eps_high", "algorithm.loss_agg", "trainer.adam_betas", "trainer.adam_eps",
+                "trainer.weight_decay", "warm_start.steps")
+FORCED = {"algorithm.kl_coef": 0.0, "algorithm.entropy_coef": 0.0, "deepspeed.bf16": "off"}
 VARIANTS = {
     "grpo-core (demo)": [],  # the demo's own algorithm settings
     "grpo-core (like)": ["algorithm.dynamic_sampling=false", "algorithm.nsr=off", "algorithm.hidden_align_coef=0.0"],
 }
+
+
+def demo_settings(warm_start_steps: int | None = None) -> dict:
+    """{grpo-core key: value} of MATCHED_KEYS in configs/demo_cpu.yaml, plus FORCED (warm start optionally
+    overridden). The one source of the matched settings: a demo change moves both trainers with it."""
+    from grpo_core.config import load_config
+
+    cfg = load_config(DEMO)
+    out = {}
+    for key in MATCHED_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        out[key] = list(value) if isinstance(value, tuple) else value
+    if warm_start_steps is not None:
+        out["warm_start.steps"] = warm_start_steps
+    return {**out, **FORCED}
+
+
+def _overrides(settings: dict) -> list[str]:
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.items()]
 
 
 def _rusage() -> tuple[float, float]:
@@ -104,7 +127,7 @@ def setup_child(a) -> dict:
     from grpo_core.run_setup import prepare_run
 
     work = Path(a.work_dir)
-    cfg = load_config(DEMO, [f"trainer.output_dir={work / 'setup'}", f"warm_start.steps={a.warm_start_steps}",
+    cfg = load_config(DEMO, [f"trainer.output_dir={work / 'setup'}", f"warm_start.steps={a.settings['warm_start.steps']}",
                              f"data.synthetic_eval_size={a.eval_prompts}", "logging.progress_bar=false"])
     torch.set_num_threads(a.threads)
     run = prepare_run(cfg, gdist.init_distributed("cpu"))
@@ -280,7 +303,8 @@ def grpo_child(a) -> dict:
                  "warm_start.steps=0", f"trainer.max_steps={a.steps}", f"trainer.output_dir={out}",
                  "trainer.eval_every=0", "checkpoint.save_every=0", "checkpoint.keep_last=1",
                  "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false",
-                 *MATCHED, *VARIANTS[a.variant], *a.set]
+                 *_overrides({k: v for k, v in a.settings.items() if k != "warm_start.steps"}),
+                 *VARIANTS[a.variant], *a.set]
     cfg = load_config(DEMO, overrides)
     cpu0, _ = _rusage()
     trainer = Trainer(cfg)
@@ -420,15 +444,30 @@ def trl_child(a) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(work / "warm_model")
     model = AutoModelForCausalLM.from_pretrained(work / "warm_model", dtype=torch.float32)
     fields = set(GRPOConfig.__dataclass_fields__)
+    m = a.settings
+    group, prompts, opt_steps = m["rollout.group_size"], m["trainer.train_batch_prompts"], m["trainer.mini_batches"]
+    if (prompts * group) % opt_steps:
+        raise SystemExit(f"TRL needs prompts x group ({prompts} x {group}) divisible by mini_batches ({opt_steps})")
+    if m["trainer.ppo_epochs"] != 1:
+        raise SystemExit("the TRL mapping covers trainer.ppo_epochs=1 only (TRL: num_iterations)")
+    schedule = {"constant": "constant_with_warmup", "cosine": "cosine"}[m["trainer.lr_schedule"]]
+    if schedule == "cosine" and m["trainer.min_lr_ratio"] > 0:
+        schedule = "cosine_with_min_lr"
     kwargs = dict(
-        output_dir=str(out), per_device_train_batch_size=64, num_generations=8, steps_per_generation=2,
-        gradient_accumulation_steps=1, max_completion_length=32, temperature=1.0, top_p=1.0,
-        learning_rate=2e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=5, max_grad_norm=1.0,
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0, optim="adamw_torch",
-        beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", scale_rewards="group", num_iterations=1,
-        max_steps=2 * a.steps, save_strategy="no", report_to=[], logging_steps=10**6, use_cpu=True, bf16=False,
-        seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        # one generation batch = prompts x group completions = one RL step; steps_per_generation optimizer steps
+        output_dir=str(out), per_device_train_batch_size=prompts * group // opt_steps, num_generations=group,
+        steps_per_generation=opt_steps, gradient_accumulation_steps=1,
+        max_completion_length=m["rollout.max_new_tokens"], temperature=m["rollout.temperature"], top_p=1.0,
+        learning_rate=m["trainer.lr"], lr_scheduler_type=schedule, warmup_steps=m["trainer.warmup_steps"],
+        max_grad_norm=m["trainer.grad_clip"], adam_beta1=m["trainer.adam_betas"][0],
+        adam_beta2=m["trainer.adam_betas"][1], adam_epsilon=m["trainer.adam_eps"],
+        weight_decay=m["trainer.weight_decay"], optim="adamw_torch", beta=0.0, epsilon=m["algorithm.eps_low"],
+        epsilon_high=m["algorithm.eps_high"], loss_type="dapo", scale_rewards="group", num_iterations=1,
+        max_steps=opt_steps * a.steps, save_strategy="no", report_to=[], logging_steps=10**6, use_cpu=True,
+        bf16=False, seed=0, disable_tqdm=True, dataloader_num_workers=0,
     )
+    if schedule == "cosine_with_min_lr":
+        kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": m["trainer.min_lr_ratio"]}
     if "top_k" in fields:
         kwargs["top_k"] = 0  # grpo-core samples from the full distribution (rollout.top_k=0)
     args = GRPOConfig(**{k: v for k, v in kwargs.items() if k in fields or k in ("output_dir",)})
@@ -441,15 +480,15 @@ def trl_child(a) -> dict:
             marks.append((0, time.perf_counter(), _rusage()[0]))
 
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step % 2 == 0:  # one RL step = one generation batch = 2 optimizer steps
-                marks.append((state.global_step // 2, time.perf_counter(), _rusage()[0]))
+            if state.global_step % opt_steps == 0:  # one RL step = one generation batch = opt_steps steps
+                marks.append((state.global_step // opt_steps, time.perf_counter(), _rusage()[0]))
 
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[Marks()])
     cpu0 = _rusage()[0]
 
     def rl_step() -> int:
-        return trainer.state.global_step // 2 + 1
+        return trainer.state.global_step // opt_steps + 1
 
     generate, rewards = trainer._generate, trainer._calculate_rewards
 
@@ -479,7 +518,7 @@ def trl_child(a) -> dict:
     per_step_wall = [step_wall[s] - step_wall[s - 1] for s in steps if s in step_wall and s - 1 in step_wall]
     res["rollout_s_per_step"] = statistics.mean(rollout_s[s] for s in steps)
     res["update_s_per_step"] = statistics.mean(per_step_wall) - res["rollout_s_per_step"]
-    res["update_s_per_opt_step"] = res["update_s_per_step"] / 2
+    res["update_s_per_opt_step"] = res["update_s_per_step"] / opt_steps
     if tokens:
         res["generated_tokens_per_step"] = statistics.mean(tokens[s] for s in steps if s in tokens)
         res["rollout_tokens_per_s"] = sum(tokens[s] for s in steps if s in tokens) / max(
@@ -515,7 +554,7 @@ def _child(a, mode: str, python: str, extra: list[str], timeout: float = 7200) -
     cmd = [python, str(Path(__file__).resolve()), "--child", mode, "--child-out", str(result),
            "--work-dir", a.work_dir, "--steps", str(a.steps), "--warmup-steps", str(a.warmup_steps),
            "--threads", str(a.threads), "--eval-prompts", str(a.eval_prompts), "--replays", str(a.replays),
-           "--warm-start-steps", str(a.warm_start_steps), *sum((["--set", s] for s in a.set), []), *extra]
+           "--settings", json.dumps(a.settings), *sum((["--set", s] for s in a.set), []), *extra]
     path = _trl_import_path() if mode == "trl" else str(ROOT)
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
     env.pop("TRITON_INTERPRET", None)
@@ -598,7 +637,7 @@ def parse_args(argv=None):
     p.add_argument("--trainers", nargs="+", default=[*VARIANTS, "TRL GRPOTrainer"],
                    choices=[*VARIANTS, "TRL GRPOTrainer"])
     p.add_argument("--replays", type=int, default=3, help="replays of grpo-core's update for ratio and profile")
-    p.add_argument("--warm-start-steps", type=int, default=400, help="supervised warm start (the demo's)")
+    p.add_argument("--warm-start-steps", type=int, default=None, help="supervised warm start (default: the demo's)")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts for accuracy")
     p.add_argument("--idle-load", type=float, default=0.3, help="1-min load average per core counted as idle")
     p.add_argument("--idle-wait", type=float, default=600, help="seconds to wait for an idle machine per run")
@@ -611,6 +650,7 @@ def parse_args(argv=None):
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--settings", help=argparse.SUPPRESS)  # the parent's demo_settings(), as JSON
     a = p.parse_args(argv)
     if a.steps <= a.warmup_steps:
         p.error("--steps must exceed --warmup-steps")
@@ -621,6 +661,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    a.settings = json.loads(a.settings) if a.settings else demo_settings(a.warm_start_steps)
     if a.child:
         fn = {"setup": setup_child, "eval": eval_child, "grpo": grpo_child, "trl": trl_child}[a.child]
         Path(a.child_out).write_text(json.dumps(fn(a)))
@@ -638,7 +679,7 @@ def main(argv=None) -> int:
     meta = machine_info("cpu")
     meta.update({"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": a.threads, "steps": a.steps,
                  "warmup_steps": a.warmup_steps, "pairs": a.pairs, "argv": sys.argv[1:],
-                 "matched_settings": MATCHED, "variants": VARIANTS, "idle_load_per_core": a.idle_load})
+                 "matched_settings": a.settings, "variants": VARIANTS, "idle_load_per_core": a.idle_load})
     print(f"work dir {work}; load average {os.getloadavg()} on {os.cpu_count()} cores", flush=True)
     if not (work / "warm_model" / "config.json").exists():
         meta["setup"] = _child(a, "setup", sys.executable, [])
