@@ -327,19 +327,23 @@ class Trainer:
         per_mini = math.ceil(len(groups) / m) if groups else 0
         minis = [groups[i * per_mini:(i + 1) * per_mini] for i in range(m)]
         minis = [mi for mi in minis if mi]
-        # Old logprobs: reuse the update's own forward when exactly on-policy (ratio = 1 at the first pass).
-        on_policy = cfg.trainer.ppo_epochs == 1 and len(minis) == 1 and self.ref_engine is None
+        # Old logprobs: the first mini-batch's first pass runs before any optimizer step of this rollout batch, so
+        # it is exactly on-policy (ratio = 1): its old logprobs are that forward's own, detached, and kept for later
+        # epochs. Only the other mini-batches need the separate pass, made before the first step. A KL reference
+        # needs its own pass anyway, so with one every mini-batch takes the pass.
+        first_on_policy = self.ref_engine is None
         packed = [self._rank_micro_batches(mi) for mi in minis]
         metrics = UpdateMetrics()
         # The rollout/trainer mismatch compares the rollout engine's logprobs with the trainer's pre-update
-        # (old) ones, once per rollout batch: here, or in the single on-policy pass below.
-        if not on_policy:
-            for mbs in packed:
+        # (old) ones, once per rollout batch: here, or in the on-policy pass below.
+        for i, mbs in enumerate(packed):
+            if not (i == 0 and first_on_policy):
                 self._fill_old_logprobs(mbs, metrics)
         t_old = time.time() - t0
         skipped = 0
-        for _epoch in range(cfg.trainer.ppo_epochs):
+        for epoch in range(cfg.trainer.ppo_epochs):
             for mi, mbs in enumerate(packed):
+                on_policy = first_on_policy and epoch == 0 and mi == 0
                 norm = LossNormalizer.from_step([mb.mask for mb in mbs], [mb.seq_ids for mb in mbs],
                                                 gen_max_len=cfg.rollout.max_new_tokens)
                 n_align = self._count_align_groups(minis[mi])
@@ -424,6 +428,7 @@ class Trainer:
             loss, terms = objective(mb, norm, logprob, entropy, on_policy, anchor_h, n_align)
         old = logprob.detach() if on_policy else mb.old_logprob
         if on_policy:
+            mb.old_logprob = old.float()  # the old policy's logprobs for this mini-batch's later epochs
             metrics.add_mismatch(old, mb.rollout_logprob, mb.mask)
         metrics.add_objective(terms)
         metrics.add_tokens(logprob, old, entropy, mb.mask)
@@ -510,7 +515,8 @@ class Trainer:
         return {"step": self.step, "opt_steps": self.opt_steps, "sampler": self.sampler.state_dict(),
                 "dynamic_sampling": self.dyn.state_dict(), "eval_accuracy_before_rl": self.eval_before,
                 "warm_start": self.run.warm_start_summary,
-                "world_size": self.dist.world_size, "config": self.cfg.to_dict(), "run_id": self.run_id}
+                "world_size": self.dist.world_size, "zero_stage": self.zero_stage, "config": self.cfg.to_dict(),
+                "run_id": self.run_id}
 
     def save(self) -> None:
         state = self.trainer_state()
@@ -551,6 +557,7 @@ class Trainer:
             shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
             raise CheckpointError(f"refusing to resume from {ckpt}: the config differs ({shown}); pass --force to "
                                   f"resume anyway, or set a new trainer.output_dir to start fresh")
+        self._check_layout(ckpt, state)
         self.engine.load_checkpoint(str(ckpt / "ds"), tag="state", load_optimizer_states=True,
                                     load_lr_scheduler_states=False)
         self.step, self.opt_steps = state["step"], state["opt_steps"]
@@ -563,6 +570,23 @@ class Trainer:
         load_rng(ckpt, self.dist.rank)
         if self.dist.is_main:
             print(f"resumed from {ckpt} at step {self.step}", flush=True)
+
+    def _check_layout(self, ckpt: Path, state: dict) -> None:
+        """DeepSpeed's optimizer state is saved per rank and per ZeRO stage (stage 0 keeps it in one file, stages
+        1-3 partition it by rank), so a checkpoint resumes only with the world size and effective ZeRO stage that
+        wrote it; --force cannot bridge that, so this is refused before DeepSpeed's own loader fails obscurely."""
+        saved = {"ranks": state.get("world_size"), "ZeRO stage": state.get("zero_stage")}
+        now = {"ranks": self.dist.world_size, "ZeRO stage": self.zero_stage}
+        differ = [f"{k} {saved[k]} -> {now[k]}" for k in saved if saved[k] is not None and saved[k] != now[k]]
+        if differ:
+            hint = (" (one rank runs unpartitioned, stage 0, unless deepspeed.one_rank_unpartitioned=false)"
+                    if 1 in (saved["ranks"], now["ranks"]) else "")
+            raise CheckpointError(
+                f"cannot resume from {ckpt}: it was written with {saved['ranks']} rank(s) at ZeRO stage "
+                f"{saved['ZeRO stage']}, this run has {now['ranks']} at stage {now['ZeRO stage']} "
+                f"({'; '.join(differ)}){hint}; resume with the same ranks and deepspeed settings"
+                + (f", or start fresh from its HF export: model.path={ckpt / 'hf'} in a new trainer.output_dir"
+                   if (ckpt / "hf" / "config.json").exists() else ""))
 
 
 def _mix(*values: int) -> int:

@@ -133,6 +133,22 @@ def test_resume_with_changed_config_is_refused(tmp_path):
     _train(tmp_path, "trainer.max_steps=3", "trainer.lr=1e-1", "--resume", "auto", "--force")
 
 
+def test_resume_at_another_zero_stage_is_one_clear_error(tmp_path):
+    """A 1-rank run is stage 0 (one_rank_unpartitioned); resuming it at stage 3 cannot work, even with --force:
+    one line naming both layouts, exit 2, and the checkpoint untouched."""
+    _train(tmp_path, "trainer.max_steps=1")
+    ckpt = tmp_path / "checkpoints" / "step_000001"
+    before = sorted((p.relative_to(ckpt), p.stat().st_size) for p in ckpt.rglob("*") if p.is_file())
+    proc = _train(tmp_path, "trainer.max_steps=2", "deepspeed.one_rank_unpartitioned=false", "--resume", "auto",
+                  "--force", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+    assert "cannot resume from" in line and "ZeRO stage 0 -> 3" in line and "one_rank_unpartitioned" in line, line
+    assert f"model.path={ckpt / 'hf'}" in line, line
+    assert sorted((p.relative_to(ckpt), p.stat().st_size) for p in ckpt.rglob("*") if p.is_file()) == before
+
+
 class _FakeEngine:
     def save_checkpoint(self, path, tag):
         os.makedirs(os.path.join(path, tag), exist_ok=True)
