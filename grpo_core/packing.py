@@ -51,25 +51,26 @@ def pack_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequenc
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every packed sequence needs a prompt of at least one token")
     total = sum(lengths)
-    ids = torch.empty(total, dtype=torch.long)
-    pos = torch.empty(total, dtype=torch.long)
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    # Vectorised: one host list -> one tensor, then index arithmetic (no per-sequence tensor ops).
+    flat: list[int] = []
+    for p, r in zip(prompts, responses):
+        flat.extend(p)
+        flat.extend(r)
+    ids = torch.tensor(flat, dtype=torch.long)
+    lens = torch.tensor(lengths, dtype=torch.long)
+    prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     resp_lens = torch.tensor([len(r) for r in responses], dtype=torch.long)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.long)
     resp_cu = torch.zeros(len(lengths) + 1, dtype=torch.long)
-    if lengths:
-        cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0)
-        resp_cu[1:] = torch.cumsum(resp_lens, 0)
+    torch.cumsum(lens, 0, out=cu[1:])
+    torch.cumsum(resp_lens, 0, out=resp_cu[1:])
     n_resp = int(resp_cu[-1])
-    resp_pos = torch.empty(n_resp, dtype=torch.long)
-    targets = torch.empty(n_resp, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        s, n, rs = int(cu[i]), len(p) + len(r), int(resp_cu[i])
-        ids[s:s + len(p)] = torch.as_tensor(p, dtype=torch.long)
-        if r:
-            ids[s + len(p):s + n] = torch.as_tensor(r, dtype=torch.long)
-            targets[rs:rs + len(r)] = ids[s + len(p):s + n]
-            resp_pos[rs:rs + len(r)] = torch.arange(s + len(p) - 1, s + n - 1)
-        pos[s:s + n] = torch.arange(n)
+    pos = torch.arange(total) - torch.repeat_interleave(cu[:-1], lens, output_size=total)
+    # Response token t of sequence i sits at stream position cu[i] + len(prompt_i) + t and is predicted from the
+    # position before it.
+    offsets = torch.arange(n_resp) - torch.repeat_interleave(resp_cu[:-1], resp_lens, output_size=n_resp)
+    resp_pos = torch.repeat_interleave(cu[:-1] + prompt_lens - 1, resp_lens, output_size=n_resp) + offsets
+    targets = ids[resp_pos + 1]
     seq_ids = torch.repeat_interleave(torch.arange(len(lengths)), resp_lens, output_size=n_resp)
     packed = PackedSequences(input_ids=ids.unsqueeze(0), position_ids=pos.unsqueeze(0),
                              cu_seqlens=cu.to(torch.int32), response_positions=resp_pos, targets=targets,
