@@ -320,6 +320,26 @@ class ReleaseResult:
         return not self.missing
 
 
+# need.kind -> the word for one missing name; an "exists" need has no names to look for.
+_LABELS = {"params": "parameter", "fields": "field", "values": "value", "attrs": "attribute", "mentions": "string"}
+# need.kind -> what the source resolver lists for the found symbol.
+_SOURCE_NAMES = {
+    "params": lambda r, f: set().union(*r.params(f)),  # named, or forwarded through **kwargs
+    "fields": lambda r, f: r.class_fields(f),
+    "values": lambda r, f: r.values(f),
+    "attrs": lambda r, f: r.self_attrs(f),
+    "mentions": lambda r, f: r.strings(f),
+}
+
+
+def _missing(version: str, need, have: set[str] | None) -> list[str]:
+    """One line per name of `need` absent from `have` (None: an "exists" need, found is enough)."""
+    if have is None:
+        return []
+    return [f"vllm {version}: missing {need.symbol} {_LABELS[need.kind]} {n!r} ({need.why})"
+            for n in need.names if n not in have]
+
+
 def check_release(root: Path | str, version: str | None = None) -> ReleaseResult:
     """Check every ApiNeed that applies to this release; the missing ones named in `missing`."""
     tree = SourceTree(Path(root))
@@ -334,30 +354,8 @@ def check_release(root: Path | str, version: str | None = None) -> ReleaseResult
         if found is None:
             res.missing.append(f"vllm {version}: missing {need.symbol} ({need.why})")
             continue
-        if need.kind == "params":
-            named, forwarded = resolver.params(found)
-            absent = [n for n in need.names if n not in named and n not in forwarded]
-            label = "parameter"
-        elif need.kind == "fields":
-            fields_ = resolver.class_fields(found)
-            absent = [n for n in need.names if n not in fields_]
-            label = "field"
-        elif need.kind == "values":
-            vals = resolver.values(found)
-            absent = [n for n in need.names if n not in vals]
-            label = "value"
-        elif need.kind == "attrs":
-            attrs = resolver.self_attrs(found)
-            absent = [n for n in need.names if n not in attrs]
-            label = "attribute"
-        elif need.kind == "mentions":
-            strings = resolver.strings(found)
-            absent = [n for n in need.names if n not in strings]
-            label = "string"
-        else:  # "exists"
-            absent = []
-            label = ""
-        res.missing += [f"vllm {version}: missing {need.symbol} {label} {n!r} ({need.why})" for n in absent]
+        names = _SOURCE_NAMES.get(need.kind)
+        res.missing += _missing(version, need, names(resolver, found) if names else None)
     return res
 
 
@@ -426,6 +424,7 @@ def check_imported() -> ReleaseResult:
         if obj is None:
             res.missing.append(f"vllm {version}: missing {need.symbol} ({need.why})")
             continue
+        have: set[str] | None = None
         if need.kind == "params":
             sig = inspect.signature(obj)
             have = set(sig.parameters)
@@ -438,23 +437,16 @@ def check_imported() -> ReleaseResult:
                         callee = obj.__globals__.get(call.func.id)
                         if inspect.isclass(callee):
                             have |= fields(callee)
-            absent, label = [n for n in need.names if n not in have], "parameter"
         elif need.kind == "fields":
             have = fields(obj)
-            absent, label = [n for n in need.names if n not in have], "field"
         elif need.kind == "values":
             if inspect.isclass(obj) and issubclass(obj, enum.Enum):
                 have = {m.value for m in obj}
             else:
                 have = {a for a in typing.get_args(obj) if isinstance(a, str)}
-            absent, label = [n for n in need.names if n not in have], "value"
         elif need.kind in ("attrs", "mentions"):
-            found = Found(source_tree(obj), "")
-            have = Resolver.self_attrs(found) if need.kind == "attrs" else Resolver.strings(found)
-            absent, label = [n for n in need.names if n not in have], "attribute" if need.kind == "attrs" else "string"
-        else:
-            absent, label = [], ""
-        res.missing += [f"vllm {version}: missing {need.symbol} {label} {n!r} ({need.why})" for n in absent]
+            have = _SOURCE_NAMES[need.kind](Resolver, Found(source_tree(obj), ""))
+        res.missing += _missing(version, need, have)
     return res
 
 

@@ -534,9 +534,8 @@ def fused_logprob_entropy(
         # Keep the graph connected so .backward() on an empty batch still reaches hidden/weight.
         tie = (hidden.sum() + weight.sum()).to(stat_dtype) * 0
         return empty + tie, empty + tie
-    if (resolved == "torch" and chunk_size is None and vocab_chunk_size is None
-            and hidden.shape[0] * weight.shape[0] <= PLAIN_MAX_LOGITS):
-        return _plain_logprob_entropy(hidden, weight, targets, float(temperature), bool(with_entropy))
+    if vocab_chunk_size is None and use_plain_autograd(resolved, hidden, weight, chunk_size):
+        return plain_logprob_entropy(hidden, weight, targets, float(temperature), bool(with_entropy))
     return _LogprobEntropyFunction.apply(
         hidden, weight, targets.long().contiguous(), 1.0 / float(temperature), bool(with_entropy),
         chunk_size, vocab_chunk_size, resolved,
@@ -549,7 +548,14 @@ def fused_logprob_entropy(
 PLAIN_MAX_LOGITS = 1 << 22
 
 
-def _plain_logprob_entropy(hidden, weight, targets, temperature: float, with_entropy: bool):
+def use_plain_autograd(resolved_backend: str, hidden, weight, chunk_size) -> bool:
+    """Whether an LM-head op (this one, kernels.token_loss) takes the plain-autograd path: the "torch" backend with
+    default chunking, a non-empty batch and at most PLAIN_MAX_LOGITS fp32 logits."""
+    return (resolved_backend == "torch" and chunk_size is None and hidden.shape[0] > 0
+            and hidden.shape[0] * weight.shape[0] <= PLAIN_MAX_LOGITS)
+
+
+def plain_logprob_entropy(hidden, weight, targets, temperature: float, with_entropy: bool):
     compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = (hidden.to(compute_dtype) @ weight.to(compute_dtype).T) / temperature
     logp = torch.log_softmax(logits, dim=-1)
