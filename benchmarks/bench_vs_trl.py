@@ -668,14 +668,20 @@ def main(argv=None) -> int:
         return 0
     from benchmarks.common import cpu_model, machine_info
 
+    if "TRL GRPOTrainer" in a.trainers:  # checked before anything is created
+        try:
+            probe = subprocess.run([a.trl_python, "-c", "import trl; print(trl.__version__)"], capture_output=True,
+                                   text=True)
+            ok = probe.returncode == 0 and probe.stdout.strip() != ""
+        except OSError as e:
+            raise SystemExit(f"--trl-python {a.trl_python} cannot be run ({e.strerror}): point it at a Python with "
+                             "trl installed (pip install 'grpo-core[bench]' there)") from None
+        if not ok:
+            raise SystemExit(f"--trl-python {a.trl_python} cannot import trl: pip install 'grpo-core[bench]' there "
+                             "(or point --trl-python at a venv with trl)")
     own_tmp = a.work_dir is None
     a.work_dir = a.work_dir or tempfile.mkdtemp(prefix="bench_vs_trl_")
     work = Path(a.work_dir)
-    if "TRL GRPOTrainer" in a.trainers:
-        probe = subprocess.run([a.trl_python, "-c", "import trl"], capture_output=True, text=True)
-        if probe.returncode != 0:
-            raise SystemExit(f"--trl-python {a.trl_python} cannot import trl: pip install 'grpo-core[bench]' there "
-                             "(or point --trl-python at a venv with trl)")
     meta = machine_info("cpu")
     meta.update({"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": a.threads, "steps": a.steps,
                  "warmup_steps": a.warmup_steps, "pairs": a.pairs, "argv": sys.argv[1:],
