@@ -8,7 +8,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["grpo_core", "grpo_core.*", "kernels", "kernels.*"]),
+    # The kernels live in the top-level folder kernels/ and install as `grpo_kernels`: a top-level `kernels` is
+    # Hugging Face's kernel-hub package, which transformers requires. The recipes in configs/ ship as package
+    # data (`grpo train demo_cpu`).
+    packages=find_packages(include=["grpo_core", "grpo_core.*"])
+    + ["grpo_kernels", "grpo_kernels.reference", "grpo_core.recipes"],
+    package_dir={"grpo_kernels": "kernels", "grpo_core.recipes": "configs"},
+    package_data={"grpo_core.recipes": ["*.yaml"]},
     # torch is left unpinned on purpose: on a GPU cluster the user's CUDA torch stays; on a CPU machine
     # `make install` installs the CPU wheel first, so this requirement is already met and pulls nothing.
     install_requires=[

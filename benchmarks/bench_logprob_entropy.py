@@ -7,7 +7,7 @@ Providers (forward, backward and both; median time and peak extra memory; bf16 b
   ours_tokens the design alternative: backward in token chunks (chunk_size = the forward's chunk)
               over the whole vocabulary (vocab_chunk_size = V) instead of vocabulary slices, so
               d weight needs a [V, D] fp32 accumulator
-  ours_loss   kernels.fused_token_loss: the same loss sum(g_lp*logprob + g_ent*entropy) with the
+  ours_loss   grpo_kernels.fused_token_loss: the same loss sum(g_lp*logprob + g_ent*entropy) with the
               gradients made inside the forward (3 GEMMs, no recompute; its `fwd` holds all the work
               and its `bwd` is two scalings)
   naive       materialized logits: (h @ W.T).float() -> log_softmax -> gather + entropy
@@ -28,7 +28,7 @@ CPU smoke test of the script (numbers mean nothing; peak memory is not measured 
     TRITON_INTERPRET=1 python benchmarks/bench_logprob_entropy.py --device cpu --n 64 --d 32 --v 257 \
         --reps 1 --providers ours ours_torch naive
 The Triton providers (ours, ours_lp, ours_tokens, ours_loss) run on CPU only in the Triton interpreter, which must
-be on before `kernels` is imported: the script sets nothing itself and exits with an error naming the fix
+be on before `grpo_kernels` is imported: the script sets nothing itself and exits with an error naming the fix
 when it is off (ours_torch, naive and compiled need no interpreter). liger is CUDA-only: skipped on CPU.
 """
 from __future__ import annotations
@@ -46,8 +46,8 @@ from benchmarks.common import (  # noqa: E402
     OOM, RESULTS_DIR, device_label, format_table, free_cuda_memory, matmul_tflops, measure,
     plot_bars, start_kernel_bench, write_json,
 )
-from kernels.logprob_entropy import default_chunk_size, fused_logprob_entropy  # noqa: E402
-from kernels.token_loss import fused_token_loss  # noqa: E402
+from grpo_kernels.logprob_entropy import default_chunk_size, fused_logprob_entropy  # noqa: E402
+from grpo_kernels.token_loss import fused_token_loss  # noqa: E402
 
 PROVIDERS = ["ours", "ours_lp", "ours_torch", "ours_tokens", "ours_loss", "naive", "compiled", "liger"]
 MODES = ["fwd", "bwd", "both"]

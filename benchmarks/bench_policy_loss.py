@@ -2,15 +2,15 @@
 
 Forward, backward (forward untimed) and both; median time, peak extra memory and effective bandwidth.
   policy_loss   token-level clipped-ratio loss over N fp32 tokens (docs/algorithms.md §3), NSR off and `scaled`
-    ours        kernels.clipped_policy_loss, backend="triton": one fused sweep writes the loss and
+    ours        grpo_kernels.clipped_policy_loss, backend="triton": one fused sweep writes the loss and
                 d loss / d logprob; backward only multiplies by the upstream gradient
     ours_torch  the same function with backend="torch" (plain-torch ops, Philox in torch)
-    torch       kernels.reference.clipped_policy_loss_ref, autograd through the formulas; NSR's uniforms
+    torch       grpo_kernels.reference.clipped_policy_loss_ref, autograd through the formulas; NSR's uniforms
                 come from philox_uniform outside the timing, so this peer does not pay for the RNG
     compile     torch.compile of that reference (a fresh dynamo cache per shape)
   hidden_align  Hidden-Align loss over [M, D] bf16 anchor states in M/8 groups (docs/algorithms.md §4)
-    ours, ours_torch  kernels.hidden_align_loss with backend "triton" / "torch"
-    torch       kernels.reference.hidden_align_loss_ref(h.float(), ...): explicit pairwise cosines,
+    ours, ours_torch  grpo_kernels.hidden_align_loss with backend "triton" / "torch"
+    torch       grpo_kernels.reference.hidden_align_loss_ref(h.float(), ...): explicit pairwise cosines,
                 a Python loop over groups. `compile` is not run for it: the loop iterates over
                 torch.unique(...).tolist() with data-dependent shapes, so there is no graph to compile.
 `gbs` = the bytes the fused op must move / time, the same byte count for every provider:
@@ -27,7 +27,7 @@ CPU smoke test of the script (numbers mean nothing; peak memory is not measured 
     TRITON_INTERPRET=1 python benchmarks/bench_policy_loss.py --device cpu --sizes 300 --align-shapes 16x8 \
         --reps 1 --warmup 0          (--smoke sizes take about a minute in the interpreter)
 The `ours` provider runs Triton kernels, which on CPU run only in the Triton interpreter; it must be on
-before `kernels` is imported, so the script sets nothing itself and exits with an error naming the fix
+before `grpo_kernels` is imported, so the script sets nothing itself and exits with an error naming the fix
 when it is off (ours_torch, torch and compile need no interpreter).
 """
 from __future__ import annotations
@@ -79,8 +79,8 @@ def _compile_fresh(fn):
 
 def policy_loss_impls(n: int, nsr: str, providers, device: str):
     """{provider: (forward() -> per-token loss [N], logprob leaf, upstream grad [N])} for one shape."""
-    from kernels import policy_loss as pl
-    from kernels.reference.policy_loss import clipped_policy_loss_ref
+    from grpo_kernels import policy_loss as pl
+    from grpo_kernels.reference.policy_loss import clipped_policy_loss_ref
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     old = -torch.rand(n, generator=gen) * 3
@@ -107,8 +107,8 @@ def policy_loss_impls(n: int, nsr: str, providers, device: str):
 
 def hidden_align_impls(m: int, d: int, groups: int, providers, device: str):
     """{provider: forward() -> scalar loss}, the bf16 [M, D] leaf, and the skipped providers with reasons."""
-    from kernels.hidden_align import hidden_align_loss
-    from kernels.reference.hidden_align import hidden_align_loss_ref
+    from grpo_kernels.hidden_align import hidden_align_loss
+    from grpo_kernels.reference.hidden_align import hidden_align_loss_ref
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(m, d, generator=gen).to(device=device, dtype=torch.bfloat16).requires_grad_()

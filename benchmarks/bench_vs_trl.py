@@ -52,8 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _trl_import_path() -> str:
-    """A directory holding only grpo_core (a link): the TRL child must not see this repo's top-level `kernels`
-    package, which transformers would take for the Hugging Face `kernels` hub package and import."""
+    """A directory holding only grpo_core (a link): the TRL child imports grpo-core's scorer from this checkout
+    and nothing else of it (its own environment's packages stay what TRL resolved)."""
     shim = Path(tempfile.gettempdir()) / f"grpo_core_only_{os.getuid()}"
     shim.mkdir(exist_ok=True)
     link = shim / "grpo_core"

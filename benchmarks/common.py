@@ -41,13 +41,13 @@ def git_commit() -> str:
 def start_kernel_bench(bench: str, args, triton_providers: list[str]) -> dict | None:
     """Checks that a kernel benchmark can run on args.device and returns its meta (machine, versions, args),
     or prints why not to stderr and returns None. On CPU, Triton providers need TRITON_INTERPRET=1 set
-    before python starts (kernels is imported at start-up), and memory is not measured."""
+    before python starts (grpo_kernels is imported at start-up), and memory is not measured."""
     problem = None
     if args.device == "cuda" and not torch.cuda.is_available():
         problem = f"bench_{bench}: --device cuda but no CUDA GPU is visible (use --device cpu for a smoke test)"
     elif args.device == "cpu" and triton_providers and os.environ.get("TRITON_INTERPRET") != "1":
         problem = (f"bench_{bench}: providers {' '.join(triton_providers)} run Triton kernels, which on CPU need "
-                   "TRITON_INTERPRET=1 in the environment before python starts (kernels is imported at "
+                   "TRITON_INTERPRET=1 in the environment before python starts (grpo_kernels is imported at "
                    "start-up); set it, or leave those providers out")
     if problem:
         print(problem, file=sys.stderr)

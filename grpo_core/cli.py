@@ -17,7 +17,7 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="RL-train a policy from a YAML recipe",
                        description="Run rollout -> verify -> advantage -> update. Works as is, under "
                                    "`torchrun --nproc_per_node N -m grpo_core train ...` and the deepspeed launcher.")
-    p.add_argument("config", help="YAML recipe, e.g. configs/demo_cpu.yaml")
+    p.add_argument("config", help="YAML recipe: a path (configs/demo_cpu.yaml) or a shipped recipe by name (demo_cpu)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set trainer.lr=1e-6 (repeatable)")
     p.add_argument("--resume", default="none", metavar="auto|none|PATH",

@@ -38,7 +38,7 @@ class ModelConfig:
     attn_backend: Literal["auto", "sdpa", "flash_attn"] = "auto"  # attention kernel; flash_attn needs the gpu extra
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"  # kernels: auto = triton on CUDA, torch on CPU
     activation_checkpointing: bool = False  # recompute each decoder layer in backward to save memory
-    # Compute the token loss inside the LM head's forward (kernels.fused_token_loss): 3 LM-head GEMMs per
+    # Compute the token loss inside the LM head's forward (grpo_kernels.fused_token_loss): 3 LM-head GEMMs per
     # update instead of 4. Needs a token-separable loss: policy_loss ppo, fipo off, tis off.
     fused_lm_head_loss: bool = False
 
@@ -222,6 +222,12 @@ class WarmStartConfig:
     steps: int = 0  # supervised warm-start steps on the data's worked solutions before RL (0 = off)
     lr: float = 3e-3  # warm-start learning rate
     batch_size: int = 32  # warm-start sequences per step
+    # Stop early once greedy accuracy on `check_prompts` training prompts reaches this (0 = off: run all `steps`).
+    # Checked every `check_every` steps; makes where RL starts a level rather than a step count, which lands
+    # differently with each seed, CPU and thread count.
+    target_accuracy: float = 0.0
+    check_every: int = 25  # warm-start steps between accuracy checks (with target_accuracy > 0)
+    check_prompts: int = 64  # training prompts per accuracy check (greedy, one response each)
 
     def validate(self, p: str) -> None:
         if self.steps < 0:
@@ -230,6 +236,12 @@ class WarmStartConfig:
             _fail(f"{p}.lr", f"must be in (0, 1], got {self.lr:g} (Adam learning rates are typically 1e-4 to 1e-2 here)")
         if self.batch_size < 1:
             _fail(f"{p}.batch_size", "must be >= 1")
+        if not 0 <= self.target_accuracy <= 1:
+            _fail(f"{p}.target_accuracy", f"must be in [0, 1] (0 = off), got {self.target_accuracy:g}")
+        if self.check_every < 1:
+            _fail(f"{p}.check_every", "must be >= 1")
+        if self.check_prompts < 1:
+            _fail(f"{p}.check_prompts", "must be >= 1")
 
 
 @dataclass
@@ -422,9 +434,30 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def recipe_dirs() -> list[Path]:
+    """Where the shipped recipes are: package data in an installed wheel, the checkout's configs/ otherwise."""
+    here = Path(__file__).resolve().parent
+    return [d for d in (here / "recipes", here.parent / "configs") if d.is_dir()]
+
+
+def recipe_names() -> list[str]:
+    return sorted({p.stem for d in recipe_dirs() for p in d.glob("*.yaml")})
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe by path, or a shipped one by bare name (``demo_cpu``); a path that exists always wins."""
+    p = Path(path).expanduser()
+    if p.exists() or p.suffix in (".yaml", ".yml") or len(p.parts) != 1:
+        return p
+    for d in recipe_dirs():
+        if (d / f"{p.name}.yaml").is_file():
+            return d / f"{p.name}.yaml"
+    raise ConfigError(f"config '{path}' is neither a file nor a shipped recipe (shipped: {', '.join(recipe_names())})")
+
+
 def load_yaml(path: str | Path) -> dict:
     """A recipe file as a dict: must exist, be valid YAML, non-empty, a mapping, with no repeated key."""
-    p = Path(path)
+    p = resolve_recipe(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist" if not p.exists() else f"config file '{p}' is not a file")
     try:

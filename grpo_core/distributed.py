@@ -5,6 +5,7 @@ Works alone (one process, no launcher), under torchrun, and under the deepspeed 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import sys
@@ -169,6 +170,27 @@ def all_gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's name, dtype, shape and bytes, in order: equal digests mean bitwise-equal weights."""
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_same_weights(module: torch.nn.Module, what: str) -> None:
+    """Every rank holds bitwise the same weights as rank 0, or every rank stops with one line."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    digests = all_gather_objects(weights_digest(module))
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise LaunchError(f"{what} differ between rank 0 and rank(s) {differ}: every rank must start from the same "
+                          "weights (is trainer.output_dir on a file system all nodes share?)")
 
 
 def barrier() -> None:

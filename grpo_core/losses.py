@@ -1,7 +1,7 @@
 """The policy objective: loss aggregation, KL and entropy terms, truncated importance sampling, Hidden-Align
 (docs/algorithms.md §3-5).
 
-The per-token policy loss itself (clip-higher PPO/DAPO, dual-clip, GSPO, NSR) comes from ``kernels``;
+The per-token policy loss itself (clip-higher PPO/DAPO, dual-clip, GSPO, NSR) comes from ``grpo_kernels``;
 this module turns per-token terms of one micro-batch into that micro-batch's share of the step loss.
 
 Gradient-accumulation and data-parallel convention
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from grpo_core.advantages import fipo_weights
-from kernels import clipped_policy_loss, gspo_policy_loss, hidden_align_loss
+from grpo_kernels import clipped_policy_loss, gspo_policy_loss, hidden_align_loss
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-sum-constant")
 
@@ -163,7 +163,7 @@ def aggregate(
 def aggregation_weights(mask: Tensor, seq_ids: Tensor, mode: str, normalizer: LossNormalizer,
                         dtype: torch.dtype = torch.float32) -> Tensor:
     """Per-token weights w [N] (0 at masked tokens) with aggregate(l, ...) == sum_t w_t l_t (masked l dropped):
-    the aggregation as constants, so a loss computed chunk by chunk (kernels.fused_token_loss) aggregates
+    the aggregation as constants, so a loss computed chunk by chunk (grpo_kernels.fused_token_loss) aggregates
     exactly as the whole micro-batch does. The one definition of the three modes (see :func:`aggregate`)."""
     _check_tokens(mask.numel(), mask=mask, seq_ids=seq_ids)
     _check_mask(mask)
@@ -204,13 +204,13 @@ class PolicyObjective:
         loss = sum_t w_t (l_t - entropy_coef * H_t + kl_coef * kl_t) + hidden_align_coef * share * L_align
 
     with w = :func:`aggregation_weights` (the aggregation mode as per-token constants over the step-global
-    normalizer), l the per-token clipped-ratio (or GSPO) loss with NSR from ``kernels``, optionally FIPO-shaped
+    normalizer), l the per-token clipped-ratio (or GSPO) loss with NSR from ``grpo_kernels``, optionally FIPO-shaped
     advantages and TIS weights, H the token entropy and kl the k1/k3 estimate to the frozen reference.
 
     Two ways to call it, same numbers:
     - :meth:`__call__` with the micro-batch's logprob/entropy (the default, unfused LM head);
     - :meth:`token_loss_fn`: the token-separable part as ``loss_fn(logprob, entropy, start, end)`` for
-      ``kernels.fused_token_loss`` (``model.fused_lm_head_loss``), which calls it chunk by chunk inside the
+      ``grpo_kernels.fused_token_loss`` (``model.fused_lm_head_loss``), which calls it chunk by chunk inside the
       LM head's forward; then :meth:`finish` adds Hidden-Align and returns the metrics.
     Metrics (one set of keys for both): detached 0-dim tensors, each the micro-batch's share of the step value
     (``loss/*``) or a count (``count/*``), to be summed over micro-batches and ranks (grpo_core.metrics).
@@ -299,7 +299,7 @@ class PolicyObjective:
         return self.finish(total, anchor_hidden, n_align_groups)
 
     def token_loss_fn(self, mb, normalizer: "LossNormalizer", on_policy: bool):
-        """``loss_fn(logprob, entropy, start, end)`` for kernels.fused_token_loss: the chunk's
+        """``loss_fn(logprob, entropy, start, end)`` for grpo_kernels.fused_token_loss: the chunk's
         sum_t w_t (l_t - c_H H_t + c_KL kl_t); call :meth:`finish` with the fused op's total afterwards."""
         if not self.token_separable:
             raise ValueError("the fused LM-head loss needs a token-separable objective (no GSPO, FIPO or TIS)")

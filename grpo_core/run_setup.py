@@ -89,20 +89,26 @@ def prepare_run(cfg: Config, dist_info: DistInfo, resuming: bool = False) -> Run
     eval_set = PromptDataset(eval_files, tokenizer, **kw) if eval_files else None
     policy = CausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_backend=cfg.model.attn_backend)
     summary: dict = {}
+    scorer = Scorer(cfg)
     start_dir = model_dir
     if cfg.warm_start.steps > 0 and resuming and Path(out / "warm_start_model" / "config.json").exists():
         start_dir = str(out / "warm_start_model")  # the checkpoint being resumed holds the trained weights
     elif cfg.warm_start.steps > 0:
         from grpo_core.warm_start import supervised_warm_start
 
-        # Every rank runs the same deterministic warm start on the same data, so weights agree without a
-        # broadcast; rank 0 writes them as the run's starting checkpoint (rollout copy, KL reference).
-        summary = supervised_warm_start(policy, tokenizer, train_set, cfg, device=dist_info.device)
+        # The warm start runs once, on rank 0, and its weights reach every rank through the directory it writes
+        # (the run's starting checkpoint: rollout copy, KL reference). Running it on every rank would give weights
+        # that differ with each rank's thread count or CPU; the digest check below proves they agree.
         start_dir = str(out / "warm_start_model")
         if dist_info.is_main:
+            summary = supervised_warm_start(policy, tokenizer, train_set, cfg, device=dist_info.device, scorer=scorer)
             policy.save_pretrained(start_dir)
             tokenizer.save_pretrained(start_dir)
         gdist.barrier()
+        if not dist_info.is_main:
+            policy = CausalLM.from_pretrained(start_dir, dtype=torch.float32, attn_backend=cfg.model.attn_backend)
+        summary = gdist.all_gather_objects(summary)[0]
+        gdist.check_same_weights(policy, what=f"the warm-started weights ({start_dir})")
     return RunAssets(tokenizer=tokenizer, model_dir=start_dir, reference_dir=start_dir, train_set=train_set,
-                     eval_set=eval_set, verifier=Scorer(cfg), policy=policy, warm_start_summary=summary)
+                     eval_set=eval_set, verifier=scorer, policy=policy, warm_start_summary=summary)
 

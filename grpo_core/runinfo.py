@@ -94,8 +94,11 @@ def run_plan(cfg: Config, resume: str = "none") -> list[str]:
         lines.append(f"resume ({resume}): continue from the newest complete checkpoint if there is one "
                      "(warm start and evaluation before RL are then skipped)")
     if cfg.warm_start.steps > 0:
-        lines.append(f"supervised warm start: {cfg.warm_start.steps} steps x {cfg.warm_start.batch_size} "
-                     "worked solutions (not RL)")
+        ws = cfg.warm_start
+        until = (f", stopping once greedy accuracy on {ws.check_prompts} training prompts reaches "
+                 f"{ws.target_accuracy:g} (checked every {ws.check_every} steps)" if ws.target_accuracy > 0 else "")
+        lines.append(f"supervised warm start: {'up to ' if until else ''}{ws.steps} steps x {ws.batch_size} "
+                     f"worked solutions (not RL){until}")
     n_eval = f"up to {t.eval_max_prompts} prompts, greedy + sampled"
     if has_eval:
         lines.append(f"held-out evaluation before RL ({n_eval})")

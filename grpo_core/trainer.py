@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from kernels import backend_summary
+from grpo_kernels import backend_summary
 
 from grpo_core import distributed as gdist
 from grpo_core.advantages import DynamicSamplingBuffer, aggregation_notice, compute_advantages, edas_shape
@@ -156,6 +156,12 @@ class Trainer:
         ops = backend_summary(cfg.model.kernel_backend, self.device)
         self.log.write(f"kernels (model.kernel_backend={cfg.model.kernel_backend}): "
                        + ", ".join(f"{op}={b}" for op, b in ops.items()))
+        ws = self.run.warm_start_summary
+        if ws.get("warm_start_train_accuracy") is not None:
+            self.log.write(f"warm start: {ws['warm_start_steps']} steps, greedy accuracy on "
+                           f"{cfg.warm_start.check_prompts} training prompts {ws['warm_start_train_accuracy']:.3f} "
+                           f"(target {cfg.warm_start.target_accuracy:g}"
+                           + ("" if ws["warm_start_reached_target"] else ", not reached") + ")")
         note = aggregation_notice(cfg.algorithm.advantage, cfg.algorithm.loss_agg)
         if note:
             self.log.write(note)

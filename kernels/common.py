@@ -39,7 +39,7 @@ def resolve_backend(backend: str, device: torch.device, op: str = "kernel") -> s
     if backend == "triton" and device.type != "cuda" and not interpreter_enabled():
         raise RuntimeError(
             f"{op}: backend='triton' needs CUDA tensors (got device {device}) or TRITON_INTERPRET=1 set before "
-            "kernels is imported (the Triton interpreter, for tests); use backend='torch' or 'auto' on CPU")
+            "grpo_kernels is imported (the Triton interpreter, for tests); use backend='torch' or 'auto' on CPU")
     return backend
 
 

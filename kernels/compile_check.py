@@ -1,6 +1,6 @@
 """Ahead-of-time compile check of every Triton kernel in kernels/ for real GPU targets, without a GPU.
 
-    python -m kernels.compile_check [--arch 90 80] [--json PATH] [--kernel SUBSTR] [--jobs N] [--no-align]
+    python -m grpo_kernels.compile_check [--arch 90 80] [--json PATH] [--kernel SUBSTR] [--jobs N] [--no-align]
 
 The CPU tests run the kernels in the Triton interpreter, which accepts code the real compiler may reject
 and says nothing about registers. This compiles each kernel through the full Triton -> PTX -> cubin
@@ -43,7 +43,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Callable, Dict, List, Tuple
 
-MODULES = ("kernels.logprob_entropy", "kernels.policy_loss", "kernels.hidden_align")
+MODULES = ("grpo_kernels.logprob_entropy", "grpo_kernels.policy_loss", "grpo_kernels.hidden_align")
 # @triton.jit functions defined in MODULES that are device helpers (called by kernels, never launched).
 DEVICE_HELPERS: frozenset = frozenset()
 
@@ -98,7 +98,7 @@ _WIDE_INT = _each("int", "i32", "i64")  # ints that may reach 2^31: Triton types
 
 SPECS: Tuple[KernelSpec, ...] = (
     KernelSpec(
-        "kernels.logprob_entropy", "_logprob_entropy_fwd_kernel",
+        "grpo_kernels.logprob_entropy", "_logprob_entropy_fwd_kernel",
         # Logits are fp32 (fp32-output GEMM), or the 16-bit input dtype when torch lacks that GEMM.
         "p_logits:*{x} p_targets:*i64 p_logprob:*fp32 p_entropy:*fp32 p_lse:*fp32 stride_row:i32 V:i32 "
         "inv_temp:fp32",
@@ -106,7 +106,7 @@ SPECS: Tuple[KernelSpec, ...] = (
         launch=_autotuned("_logprob_entropy_fwd_kernel"),
     ),
     KernelSpec(
-        "kernels.logprob_entropy", "_logprob_entropy_bwd_kernel",
+        "grpo_kernels.logprob_entropy", "_logprob_entropy_bwd_kernel",
         "p_logits:*{logits} p_dlogits:*{dlogits} p_targets:*i64 p_lse:*fp32 p_entropy:*fp32 p_dlogprob:*fp32 "
         "p_dentropy:*fp32 stride_row:{int} stride_drow:{int} n_rows:i32 n_cols:i32 v_offset:{int} inv_temp:fp32",
         axes=(
@@ -125,7 +125,7 @@ SPECS: Tuple[KernelSpec, ...] = (
         launch=lambda m: [(dict(m._BWD_CONFIG.kwargs), _options(m._BWD_CONFIG, stages=False))],
     ),
     KernelSpec(
-        "kernels.policy_loss", "_policy_loss_fwd_kernel",
+        "grpo_kernels.policy_loss", "_policy_loss_fwd_kernel",
         "p_logp:*{x} p_old:*{x} p_adv:*{x} p_mask:*u8 p_index:*{index} p_loss:*fp32 p_dlogp:*fp32 "
         "p_counts:*i32 N:i32 seed:{int} offset:{int} step:{int} b_low:fp32 b_high:fp32 dual_c:fp32 "
         "band_min_rho:fp32 nsr_prob:fp32",
@@ -142,7 +142,7 @@ SPECS: Tuple[KernelSpec, ...] = (
     ),
     *(
         KernelSpec(
-            "kernels.hidden_align", kernel, args, axes=(_FLOATS,),
+            "grpo_kernels.hidden_align", kernel, args, axes=(_FLOATS,),
             # BLOCK_D = _block_d(D) with num_warps=_NUM_WARPS: a tiny test model's D and the cap LLM sizes hit.
             launch=lambda m, extra=extra: [({**extra(m), "BLOCK_D": b}, {"num_warps": m._NUM_WARPS})
                                            for b in sorted({m._block_d(d) for d in (64, 896, 8192)})],
@@ -367,7 +367,7 @@ def _table(rows) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m grpo_kernels.compile_check", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="SM versions (90 = H100/H200)")
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
@@ -379,7 +379,7 @@ def main(argv=None) -> int:
         # The kernel modules pick their configs and @triton.jit its mode at import: start over without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         argv = sys.argv[1:] if argv is None else list(argv)
-        return subprocess.run([sys.executable, "-m", "kernels.compile_check", *argv], env=env).returncode
+        return subprocess.run([sys.executable, "-m", "grpo_kernels.compile_check", *argv], env=env).returncode
 
     import triton
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import check_same_device, interpreter_enabled, resolve_backend
+from grpo_kernels.common import check_same_device, interpreter_enabled, resolve_backend
 
 _DEFAULT_EPS = 1e-8
 _BLOCK_R = 16  # rows of one group summed per step of the forward kernel

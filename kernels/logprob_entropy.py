@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import interpreter_enabled, resolve_backend
+from grpo_kernels.common import interpreter_enabled, resolve_backend
 
 IGNORE_INDEX = -100
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -549,7 +549,7 @@ PLAIN_MAX_LOGITS = 1 << 22
 
 
 def use_plain_autograd(resolved_backend: str, hidden, weight, chunk_size) -> bool:
-    """Whether an LM-head op (this one, kernels.token_loss) takes the plain-autograd path: the "torch" backend with
+    """Whether an LM-head op (this one, grpo_kernels.token_loss) takes the plain-autograd path: the "torch" backend with
     default chunking, a non-empty batch and at most PLAIN_MAX_LOGITS fp32 logits."""
     return (resolved_backend == "torch" and chunk_size is None and hidden.shape[0] > 0
             and hidden.shape[0] * weight.shape[0] <= PLAIN_MAX_LOGITS)

@@ -37,7 +37,7 @@ import triton.language as tl
 from triton.language.random import philox as _tl_philox
 from triton.language.random import uint_to_uniform_float as _tl_uint_to_uniform_float
 
-from kernels.common import resolve_backend
+from grpo_kernels.common import resolve_backend
 
 NSR_RULES = ("off", "scaled", "band")
 _NSR_CODE = {"off": 0, "scaled": 1, "band": 2}
@@ -47,7 +47,7 @@ _COUNT_NAMES = ("n_tokens", "n_clip_low", "n_clip_high", "n_rescued", "n_dual_cl
 # on every new micro-batch length.
 _BLOCK = 1024
 # 8 warps: with 4, triton 3.6 (ptxas 12.8) spills 8 bytes in the dual-clip bf16 variants on sm_90
-# (python -m kernels.compile_check); 8 warps compile without spills on triton 3.6 and 3.9.
+# (python -m grpo_kernels.compile_check); 8 warps compile without spills on triton 3.6 and 3.9.
 _NUM_WARPS = 8
 _M32 = 0xFFFFFFFF
 # Numerical guards (docs/algorithms.md, "Numerical guards"): the token log-ratio is clamped to

@@ -1,6 +1,6 @@
 """Loss-fused LM head: a token-separable loss of (logprob, entropy) with its gradients made in the forward.
 
-kernels.fused_logprob_entropy must recompute the logits in backward (4 GEMMs, 8*N*D*V flops) because
+grpo_kernels.fused_logprob_entropy must recompute the logits in backward (4 GEMMs, 8*N*D*V flops) because
 the upstream gradients of logprob and entropy are unknown when its forward runs. When the caller can
 state the loss as a function of the per-token logprob and entropy in which token i's term depends only
 on token i (the clipped policy loss, its NSR rescue, an entropy bonus, a k1/k3 KL to given reference
@@ -33,8 +33,8 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.common import resolve_backend
-from kernels.logprob_entropy import (
+from grpo_kernels.common import resolve_backend
+from grpo_kernels.logprob_entropy import (
     EPILOGUES,
     addmm_,
     default_chunk_size,
@@ -133,7 +133,7 @@ def fused_token_loss(
     """sum over chunks of loss_fn(logprob, entropy) through the LM head, gradients made in the forward.
 
     With z = hidden @ weight.T / temperature, p = softmax(z), logprob = log p[target] and entropy =
-    -sum_v p log p (as kernels.fused_logprob_entropy), returns loss = sum_c loss_fn(logprob[c], entropy[c],
+    -sum_v p log p (as grpo_kernels.fused_logprob_entropy), returns loss = sum_c loss_fn(logprob[c], entropy[c],
     start_c, end_c) over token chunks c = start_c:end_c, differentiable w.r.t. hidden and weight.
 
     Args:

@@ -1,11 +1,11 @@
-"""kernels.hidden_align against the explicit pairwise-cosine reference (float64)."""
+"""grpo_kernels.hidden_align against the explicit pairwise-cosine reference (float64)."""
 import math
 
 import pytest
 import torch
 
-from kernels.hidden_align import hidden_align_loss
-from kernels.reference.hidden_align import hidden_align_loss_ref
+from grpo_kernels.hidden_align import hidden_align_loss
+from grpo_kernels.reference.hidden_align import hidden_align_loss_ref
 
 BACKENDS = ["triton", "torch"]
 
@@ -55,7 +55,7 @@ def test_matches_reference(case_id, sizes, d, dtype, tol, backend, nan_empty):
 
 def test_multiple_d_tiles(monkeypatch):
     # On CPU the interpreter uses one wide tile; force 16-wide tiles (61 = 3 * 16 + 13) to cover the D loops.
-    import kernels.hidden_align as mod
+    import grpo_kernels.hidden_align as mod
 
     monkeypatch.setattr(mod, "_block_d", lambda d: 16)
     h, ids = _rows([3, 1, 20], 61, seed=5)

@@ -1,4 +1,4 @@
-"""kernels.compile_check: every Triton kernel compiles for a real GPU target (sm_90) without spilling.
+"""grpo_kernels.compile_check: every Triton kernel compiles for a real GPU target (sm_90) without spilling.
 
 CPU only: Triton compiles ahead of time for a GPUTarget without a device. Everything runs in a subprocess
 without TRITON_INTERPRET (which conftest sets here, and under which @triton.jit builds interpreter objects
@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_FILES = ("kernels/logprob_entropy.py", "kernels/policy_loss.py", "kernels/hidden_align.py")
-# sm_90 only (H100 / H200, the GPUs we run on): sm_80 too doubles the ~30 s; `python -m kernels.compile_check`
+# sm_90 only (H100 / H200, the GPUs we run on): sm_80 too doubles the ~30 s; `python -m grpo_kernels.compile_check`
 # checks both by default.
 ARCHS = ("90",)
 
@@ -51,13 +51,13 @@ def _jit_kernels():
             for dec in node.decorator_list:
                 target = dec.func if isinstance(dec, ast.Call) else dec
                 if ast.unparse(target) == "triton.jit":
-                    names.add(f"kernels.{Path(rel).stem}.{node.name}")
+                    names.add(f"grpo_kernels.{Path(rel).stem}.{node.name}")
     return names
 
 
 def test_every_kernel_compiles_without_spills(nvidia_toolchain, tmp_path):
     out = tmp_path / "compile.json"
-    proc = _run(["-m", "kernels.compile_check", "--arch", *ARCHS, "--json", str(out)], timeout=600)
+    proc = _run(["-m", "grpo_kernels.compile_check", "--arch", *ARCHS, "--json", str(out)], timeout=600)
     assert proc.returncode == 0, f"compile check failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     report = json.loads(out.read_text())
     rows = report["results"]
@@ -74,7 +74,7 @@ def test_every_kernel_compiles_without_spills(nvidia_toolchain, tmp_path):
 
 _PROBE = r'''
 import dataclasses, json
-from kernels import compile_check as cc
+from grpo_kernels import compile_check as cc
 
 out = {}
 kernels = cc.discover_kernels()
@@ -103,7 +103,7 @@ def test_stale_table_and_spills_are_reported(nvidia_toolchain):
     proc = _run(["-c", _PROBE], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    name = "kernels.logprob_entropy._logprob_entropy_bwd_kernel"
+    name = "grpo_kernels.logprob_entropy._logprob_entropy_bwd_kernel"
     assert out["args"] is not None and name in out["args"]
     assert "['inv_temp']" in out["args"] and "['p_bogus']" in out["args"]
     assert out["const"] is not None and name in out["const"]

@@ -1,13 +1,13 @@
-"""kernels.logprob_entropy vs the float64 materialized-logits reference: forward and both gradients."""
+"""grpo_kernels.logprob_entropy vs the float64 materialized-logits reference: forward and both gradients."""
 import weakref
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import logprob_entropy as lpe
-from kernels.logprob_entropy import backward_blocks, default_chunk_size, fused_logprob_entropy
-from kernels.reference.logprob_entropy import logprob_entropy_reference
+from grpo_kernels import logprob_entropy as lpe
+from grpo_kernels.logprob_entropy import backward_blocks, default_chunk_size, fused_logprob_entropy
+from grpo_kernels.reference.logprob_entropy import logprob_entropy_reference
 
 BACKENDS = ["triton", "torch"]  # conftest sets TRITON_INTERPRET=1 on CPU, so "triton" runs there
 
@@ -174,9 +174,9 @@ def test_frozen_weight_and_empty_batch(backend):
 
 
 def test_backend_resolution(monkeypatch):
-    from kernels.common import backend_summary, resolve_backend
+    from grpo_kernels.common import backend_summary, resolve_backend
 
-    # "auto" on CPU is the torch path even with the interpreter on (issue 20: an exported TRITON_INTERPRET=1
+    # "auto" on CPU is the torch path even with the interpreter on (an exported TRITON_INTERPRET=1
     # must not turn a CPU run into a 10x slower interpreter run); "triton" asks for the interpreter.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
@@ -368,7 +368,7 @@ def test_gpu_peak_memory_bounded(n, d):
 def test_small_torch_problems_take_plain_autograd_with_the_same_result(monkeypatch, with_entropy):
     """The torch backend with default chunk sizes runs plain autograd over the [N, V] logits when they are at most
     PLAIN_MAX_LOGITS elements (faster on CPU), else the chunked algorithm: same values and gradients."""
-    import kernels.logprob_entropy as le
+    import grpo_kernels.logprob_entropy as le
 
     torch.manual_seed(1)
     n, d, v = 37, 24, 101

@@ -161,8 +161,8 @@ def _algo(**kw):
 
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_policy_objective_is_the_formula(mode):
-    """PolicyObjective = agg(l) - c_H agg(H) + c_KL agg(kl) with l from kernels.clipped_policy_loss (NSR on)."""
-    from kernels import clipped_policy_loss
+    """PolicyObjective = agg(l) - c_H agg(H) + c_KL agg(kl) with l from grpo_kernels.clipped_policy_loss (NSR on)."""
+    from grpo_kernels import clipped_policy_loss
 
     from grpo_core.losses import PolicyObjective
 
@@ -207,7 +207,7 @@ def test_policy_objective_fused_chunks_equal_whole():
 
 def test_policy_objective_coupled_losses():
     """GSPO / FIPO / TIS run on the whole micro-batch; the fused path refuses them with a clear error."""
-    from kernels import gspo_policy_loss
+    from grpo_kernels import gspo_policy_loss
 
     from grpo_core.losses import PolicyObjective
 

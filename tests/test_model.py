@@ -291,7 +291,7 @@ def _fused_kernel_available():
         return False
 
 
-@pytest.mark.skipif(not _fused_kernel_available(), reason="kernels.fused_logprob_entropy not importable yet")
+@pytest.mark.skipif(not _fused_kernel_available(), reason="grpo_kernels.fused_logprob_entropy not importable yet")
 def test_lm_head_fused_logprob_matches_log_softmax():
     model = _tiny(tied=True)
     ids = torch.randint(0, VOCAB, (2, 5))

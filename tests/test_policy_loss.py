@@ -1,4 +1,4 @@
-"""kernels.policy_loss (clipped ratio + dual clip + NSR, GSPO) against the float64 references."""
+"""grpo_kernels.policy_loss (clipped ratio + dual clip + NSR, GSPO) against the float64 references."""
 import math
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.policy_loss import clipped_policy_loss, gspo_policy_loss, philox_uniform
-from kernels.reference.policy_loss import clipped_policy_loss_ref, gspo_policy_loss_ref
+from grpo_kernels.policy_loss import clipped_policy_loss, gspo_policy_loss, philox_uniform
+from grpo_kernels.reference.policy_loss import clipped_policy_loss_ref, gspo_policy_loss_ref
 
 BACKENDS = ["triton", "torch"]
 

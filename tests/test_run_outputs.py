@@ -147,7 +147,8 @@ def test_header_says_what_will_happen(tmp_path):
     cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", [f"trainer.output_dir={tmp_path}"])
     text = format_header(cfg, provenance(cfg))
     for part in ("seed 0", f"torch {torch.__version__}", "deepspeed", "torch threads", "plan:",
-                 f"supervised warm start: {cfg.warm_start.steps} steps", "before RL", "RL: 100 steps x 16 prompts x 8 samples",
+                 f"supervised warm start: up to {cfg.warm_start.steps} steps",
+                 f"training prompts reaches {cfg.warm_start.target_accuracy:g}", "before RL", "RL: 100 steps x 16 prompts x 8 samples",
                  "every 20 steps", str(tmp_path / "checkpoints" / "step_000100" / "hf")):
         assert part in text, (part, text)
     bare = load_config(None, ["data.train_files=[x.parquet]", "model.path=/m", "trainer.max_steps=7",

@@ -1,9 +1,9 @@
-"""kernels.token_loss (3-GEMM loss-fused LM head) vs autograd through the float64 materialized reference."""
+"""grpo_kernels.token_loss (3-GEMM loss-fused LM head) vs autograd through the float64 materialized reference."""
 import pytest
 import torch
 
-from kernels.reference.logprob_entropy import logprob_entropy_reference
-from kernels.token_loss import fused_token_loss
+from grpo_kernels.reference.logprob_entropy import logprob_entropy_reference
+from grpo_kernels.token_loss import fused_token_loss
 
 BACKENDS = ["triton", "torch"]  # conftest sets TRITON_INTERPRET=1 on CPU, so "triton" runs there
 
@@ -95,7 +95,7 @@ def test_bf16_and_fp64(fp32_acc):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_equals_fused_logprob_entropy_path(backend):
     """Same loss and gradients as fused_logprob_entropy + the loss in plain autograd (the 4-GEMM path)."""
-    from kernels import fused_logprob_entropy
+    from grpo_kernels import fused_logprob_entropy
 
     hidden, weight, targets, consts = _inputs(37, 60, 1031)
     consts32 = [c.float() for c in consts]

@@ -97,9 +97,9 @@ class MLP(nn.Module):
 def _fused_logprob_entropy():
     # Imported lazily: kernels/ pulls in Triton, which the plain forward never needs.
     try:
-        from kernels import fused_logprob_entropy
+        from grpo_kernels import fused_logprob_entropy
     except ImportError:
-        from kernels.logprob_entropy import fused_logprob_entropy
+        from grpo_kernels.logprob_entropy import fused_logprob_entropy
     return fused_logprob_entropy
 
 
@@ -130,12 +130,12 @@ class LMHead(nn.Module):
     ):
         """Without targets: hidden [..., D] -> logits [..., V] (hidden's dtype).
 
-        With targets and loss_fn (hidden [N, D], targets [N]): ``kernels.fused_token_loss`` - returns
+        With targets and loss_fn (hidden [N, D], targets [N]): ``grpo_kernels.fused_token_loss`` - returns
         (loss, logprob [N], entropy [N]) with the loss's gradients made in this forward (see kernels/token_loss.py).
 
         With targets [...] int64 (-100 = ignored): returns (logprob [...] fp32, entropy [...] fp32 or whatever
         the kernel gives when with_entropy=False) of softmax(logits / temperature), computed by
-        ``kernels.fused_logprob_entropy`` chunk by chunk, so the [N, V] logits are never materialised.
+        ``grpo_kernels.fused_logprob_entropy`` chunk by chunk, so the [N, V] logits are never materialised.
         """
         if targets is None:
             return F.linear(hidden, self.weight)
@@ -143,7 +143,7 @@ class LMHead(nn.Module):
             raise ValueError(f"targets shape {list(targets.shape)} must equal hidden shape without D "
                              f"{list(hidden.shape[:-1])}")
         if loss_fn is not None:
-            from kernels.token_loss import fused_token_loss
+            from grpo_kernels.token_loss import fused_token_loss
 
             return fused_token_loss(hidden.reshape(-1, hidden.shape[-1]), self.weight, targets.reshape(-1).long(),
                                     loss_fn, temperature, with_entropy=with_entropy, backend=backend)

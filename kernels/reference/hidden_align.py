@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of kernels.hidden_align: explicit O(n^2) pairwise cosines per group (docs/algorithms.md §4).
+"""Plain-PyTorch reference of grpo_kernels.hidden_align: explicit O(n^2) pairwise cosines per group (docs/algorithms.md §4).
 
 Run it in float64 in tests. Rows are normalized as h / max(||h||, eps), as in the kernel.
 """

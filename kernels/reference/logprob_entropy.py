@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of kernels.logprob_entropy: materializes the full [N, V] logits.
+"""Plain-PyTorch reference of grpo_kernels.logprob_entropy: materializes the full [N, V] logits.
 
 Used by tests (as ground truth, in float64) and by benchmarks (as the "naive torch" baseline).
 Not memory-efficient on purpose: it is the simplest correct statement of the math.

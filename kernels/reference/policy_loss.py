@@ -1,4 +1,4 @@
-"""Plain-PyTorch references of kernels.policy_loss, written straight from the formulas of docs/algorithms.md §3.
+"""Plain-PyTorch references of grpo_kernels.policy_loss, written straight from the formulas of docs/algorithms.md §3.
 
 Gradients come from autograd through the formulas (torch.where/min/clamp select the live branch), the NSR
 uniforms u are passed in explicitly, and everything runs in the inputs' dtype (use float64 in tests).
