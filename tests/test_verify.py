@@ -32,7 +32,24 @@ CASES = [
     ("decimal", B % "3.0", "3", True),
     ("decimal", B % "3.1", "3", False),
     ("decimal", B % "2.5", "2.4", False),
-    ("decimal", B % "0.3333333", "1/3", False),  # a rounded decimal is not the exact value
+    ("decimal", B % "0.33333", "1/3", False),  # a short rounding (< 6 significant digits) is not the exact value
+    ("decimal", B % "0.3333333", "1/3", True),  # 7 digits, each agreeing with 1/3: the same number
+    ("decimal", B % "0.3333334", "1/3", False),  # last digit not the rounding of 1/3
+    ("decimal", B % "0.142857", r"\frac{1}{7}", True),
+    ("decimal", B % "0.142858", r"\frac{1}{7}", False),
+    ("decimal", B % r"\frac{1}{6}", "0.1666666667", True),
+    ("decimal", B % r"\frac{1}{6}", "0.1666666666", False),  # truncated, not rounded
+    ("decimal", B % "e", "2.7182818", True),
+    ("decimal", B % "e", "2.71828183", True),
+    ("decimal", B % "e", "2.7182817", False),
+    ("decimal", B % "e", "2.72", False),
+    ("decimal", B % r"\frac17", "0.14", False),
+    ("decimal", B % r"(0.707107, 1.414214)", r"\left(\frac{\sqrt2}{2}, \sqrt2\right)", True),
+    ("decimal", B % r"(0.707107, 1.414213)", r"\left(\frac{\sqrt2}{2}, \sqrt2\right)", False),
+    ("decimal", B % "-0.142857", r"-\frac{1}{7}", True),
+    ("decimal", B % "0.142857", r"-\frac{1}{7}", False),
+    ("decimal", B % "1414213.6", r"1000000\sqrt{2}", True),
+    ("decimal", B % "1414214", r"1000000\sqrt{2}", False),  # an integer is exact, never a rounding
     # fractions
     ("frac", B % r"\frac{1}{2}", "0.5", True),
     ("frac", B % r"\dfrac{3}{4}", "0.75", True),
@@ -59,7 +76,9 @@ CASES = [
     ("radical", B % r"\sqrt2", r"\sqrt{2}", True),
     ("radical", B % r"3\sqrt{3}", r"\sqrt{27}", True),
     ("radical", B % r"\sqrt{3}", r"\sqrt{2}", False),
-    ("radical", B % r"1.41421356", r"\sqrt{2}", False),
+    ("radical", B % r"1.4142", r"\sqrt{2}", False),  # 5 significant digits: a short rounding
+    ("radical", B % r"1.41421356", r"\sqrt{2}", True),  # 9 digits, each agreeing with sqrt(2)
+    ("radical", B % r"1.41421357", r"\sqrt{2}", False),
     # pi / e / infinity
     ("const", B % r"2\pi", r"2 \pi", True),
     ("const", B % r"\pi", "3.14", False),  # the exact constant for a rounded gold

@@ -5,15 +5,18 @@ Rules (the documented contract of :func:`grpo_core.verify.verify`):
 * numbers: every literal is exact (``0.5`` is 1/2, ``2.50`` is 5/2, ``1.2e3`` is 1200). Two constant values
   are equal when they are exactly equal (rationals, including 10^5-digit integers and towers whose value
   has at most MAX_RESULT_DIGITS digits), or, for exact irrational forms (``\\sqrt2/2`` vs ``1/\\sqrt2``,
-  ``\\log_2 8`` vs ``3``), when they agree to 40 significant digits. A decimal literal never equals an
-  irrational value, however many digits it has: ``2.718281828`` is not ``e``;
-* decimal rounding rule: a rounded decimal matches only another decimal, never an exact fraction or
-  constant. A gold decimal with d >= 2 places (it is the rounded one) matches a response decimal with more
-  than d places that rounds (half up or half down) to it: gold ``2.72`` accepts ``2.718`` and ``2.72``,
-  refuses ``2.7``, ``2.73`` and ``e``; gold ``0.67`` refuses ``\\frac{2}{3}``; gold ``\\frac13`` refuses ``0.333``.
-  A gold with 0 or 1 decimal places is taken as exact (``0.5`` is 1/2, so ``0.46`` is wrong). The same
-  rule applies entry by entry inside tuples, intervals and matrices. No relative tolerance is used on
-  numbers;
+  ``\\log_2 8`` vs ``3``), when they agree to 40 significant digits;
+* decimal rules. (1) Two decimals: a gold decimal with d >= 2 places (it is the rounded one) matches a
+  response decimal with more than d places that rounds (half up or half down) to it: gold ``2.72`` accepts
+  ``2.718`` and ``2.72``, refuses ``2.7`` and ``2.73``. A gold with 0 or 1 decimal places is taken as exact
+  (``0.5`` is 1/2, so ``0.46`` is wrong). (2) A decimal against an exact value (integer written without a
+  point, fraction, radical, constant; either side may be the gold): equal only when the decimal has at least
+  MIN_EXACT_SIG_DIGITS (6) significant digits (leading zeros not counted, trailing zeros counted) and is the
+  exact value rounded to the decimal's own number of places (a tie either way): ``0.142857`` is 1/7,
+  ``2.7182818`` is e, ``0.1666666667`` is 1/6; ``0.1666666666`` (truncated), ``0.14``, ``2.72`` and
+  ``3.1416`` (short roundings) are not. Both rules apply entry by entry inside tuples, intervals and
+  matrices; a decimal inside an expression with symbols (``0.5x``) is exact. No relative tolerance is used
+  on numbers;
 * percent: ``50%`` equals ``50`` and ``0.5`` (the % is dropped, or the value divided by 100);
 * ``\\pm``: ``1 \\pm \\sqrt2`` is the set {1+sqrt2, 1-sqrt2};
 * expressions with symbols: equal if they agree at 6 seeded random rational points in [0.5, 2.5] --
@@ -71,6 +74,10 @@ _RNG_POINTS = 6
 _EXACT_DIGITS = 50
 _REL_EXACT = mpmath.mpf(10) ** -40
 _REL_SYMBOLIC = 1e-8
+MIN_EXACT_SIG_DIGITS = 6
+"""A decimal written to at least this many significant digits may equal an exact value (see the rounding rule)."""
+MAX_EXACT_SIG_DIGITS = 2000
+"""Longer decimals are not evaluated against irrational values (the evaluation cost grows with the digits)."""
 
 
 @dataclass(frozen=True)
@@ -168,10 +175,15 @@ def _scalar_equal_once(a, b, sa: Side, sb: Side) -> bool:
     free = a.free_symbols | b.free_symbols
     if free:
         return _symbolic_equal(a, b, free)
+    da, db = _places(sa, a), _places(sb, b)
+    if a.is_Rational and b.is_Rational and da is not None and db is not None:
+        return _rounding_match(a, b, da, db)
+    if da is not None and db is None:
+        return _long_decimal_match(a, da, b)
+    if db is not None and da is None:
+        return _long_decimal_match(b, db, a)
     if a.is_Rational and b.is_Rational:
-        return _rounding_match(a, b, _places(sa, a), _places(sb, b))
-    if (a.is_Rational and _places(sa, a) is not None) or (b.is_Rational and _places(sb, b) is not None):
-        return False  # a decimal literal is never an irrational value
+        return False
     va, vb = _numeric(a, _EXACT_DIGITS), _numeric(b, _EXACT_DIGITS)
     if va is None or vb is None:
         return False
@@ -194,6 +206,28 @@ def _rounding_match(a, b, da: int | None, db: int | None) -> bool:
     if frac == sympy.Rational(1, 2):  # a tie rounds either way
         return target in (lo, hi)
     return target == (hi if frac > sympy.Rational(1, 2) else lo)
+
+
+def _long_decimal_match(decimal, places: int, exact) -> bool:
+    """A decimal literal with ``places`` places written to >= MIN_EXACT_SIG_DIGITS significant digits equals a
+    constant exact value when it is that value rounded to ``places`` places (a tie rounds either way):
+    ``0.142857`` is 1/7, ``2.7182818`` is e; ``0.14`` (2 digits) and ``0.142858`` are not."""
+    scaled = int(decimal * 10**places)  # the written digits as an integer
+    if len(str(abs(scaled))) < MIN_EXACT_SIG_DIGITS or len(str(abs(scaled))) > MAX_EXACT_SIG_DIGITS:
+        return False
+    if exact.is_Rational:
+        return abs(exact * 10**places - scaled) <= sympy.Rational(1, 2)
+    if exact.free_symbols or not exact.is_number:
+        return False
+    magnitude = len(str(abs(scaled))) - places  # digits before the point (may be <= 0)
+    digits = max(_EXACT_DIGITS, len(str(abs(scaled))) + abs(magnitude) + 20)
+    value = _numeric(exact, digits)
+    if value is None:
+        return False
+    with mpmath.workdps(digits):
+        if abs(value.imag) > mpmath.mpf(10) ** (-places - 5):
+            return False
+        return abs(value.real * mpmath.mpf(10) ** places - scaled) < mpmath.mpf(1) / 2
 
 
 def _symbolic_equal(a, b, free) -> bool:
