@@ -35,7 +35,7 @@ def test_corpus_size_and_classes_both_ways():
     classes = {c for c, _ in by_class}
     expected = {
         "final_sentence", "delimiters", "multi_answer", "inequality", "equation", "matrix",
-        "number_format", "precision", "expression", "long_nesting",
+        "number_format", "precision", "expression", "long_nesting", "long_decimal", "labelled_parts",
     }
     assert expected <= classes, expected - classes
     for cls in classes:

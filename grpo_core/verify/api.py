@@ -29,7 +29,14 @@ from grpo_core.verify.values import (
 )
 from grpo_core.verify.latex_parser import parse_with_decimals
 from grpo_core.verify.limits import Deadline, ParseError, TooBig, time_guard
-from grpo_core.verify.normalize import MATH_NAMES, NormalizedAnswer, decimal_comma_reading, normalize_span
+from grpo_core.verify.normalize import (
+    MATH_NAMES,
+    NormalizedAnswer,
+    decimal_comma_reading,
+    labelled_parts,
+    normalize_span,
+    split_top_level,
+)
 
 _GOLD_CHOICE = re.compile(r"\(?([A-J])\)?")
 _GOLD_CHOICE_WITH_VALUE = re.compile(r"\(([A-J])\)\s+\S.*")  # gold "(B) 7": the letter decides
@@ -144,6 +151,10 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
         return False, "wrong"
     if na.text.replace(" ", "") == ng.text.replace(" ", "") and na.percent == ng.percent:
         return True, "correct"
+    parts_a, parts_g = labelled_parts(na.text), labelled_parts(ng.text)
+    if parts_a or parts_g:
+        ok = _parts_equal(parts_a, parts_g, na.text, ng.text)
+        return ok, ("correct" if ok else "wrong")
     if max(len(na.text), len(ng.text)) > 300 and na.percent == ng.percent:
         fast = _long_literals_equal(na.text, ng.text)
         if fast is not None:
@@ -183,6 +194,25 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
         # sympy itself gave up on the comparison (e.g. complex AccumulationBounds): cannot judge.
         return False, "unjudgeable"
     return ok, ("correct" if ok else "wrong")
+
+
+def _parts_equal(parts_a, parts_g, text_a: str, text_g: str) -> bool:
+    """An answer in labelled parts ``(a) .. (b) ..``: parts match by label when both sides are labelled, else
+    in order against the other side's top-level comma list (the labels fix the order); against a single gold
+    value, the last part is the answer (as the last of several boxes would be)."""
+    if parts_a and parts_g:
+        if sorted(label for label, _ in parts_a) != sorted(label for label, _ in parts_g):
+            return False
+        gold = dict(parts_g)
+        return all(_judge_span(body, gold[label])[0] for label, body in parts_a)
+    bodies = [body for _, body in (parts_a or parts_g)]
+    others = split_top_level(text_g if parts_a else text_a)
+    if parts_a and len(others) == 1:  # one gold value: the last part states it, as a last box would
+        return _judge_span(parts_a[-1][1], text_g)[0]
+    if len(others) != len(bodies):
+        return False
+    pairs = zip(bodies, others) if parts_a else zip(others, bodies)
+    return all(_judge_span(answer, gold)[0] for answer, gold in pairs)
 
 
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

@@ -36,7 +36,11 @@ Rules (the documented contract of :func:`grpo_core.verify.verify`):
   unknown), as a ``;``-separated list of solutions, or as a list of tuples is a solution set and compares
   unordered; a gold comma list of numbers compares unordered only when it is sorted (ascending or
   descending), i.e. when its order carries no information; an unsorted gold list (``1, 5, -3``) is ordered.
-  ``a=3, b=1`` (distinct unknowns) is the tuple (3, 1). Brackets ``(..)`` / ``[..]`` compare ordered with the
+  ``a=3, b=1`` (distinct unknowns) states values by name: against another such list with the same names it
+  compares name by name in any written order (``b_{10} = 31, b_2 = 7`` is ``b_2 = 7, b_{10} = 31``; swapped
+  values are not), against a gold comma list or set it is that list of values (``x_1 = 2, x_2 = -4`` for the
+  roots ``-4, 2``), else the tuple (3, 1). Labelled parts ``(a) 12, (b) 5`` (see api.py) match by label, or in
+  label order against an unlabelled list; against one gold value the last part is the answer. Brackets ``(..)`` / ``[..]`` compare ordered with the
   same bracket shapes (a 1-row or 1-column matrix equals a tuple of its entries);
 * matrices: any of pmatrix/bmatrix/matrix/array (``\\left[ .. \\right]``), scalar times matrix, sums and
   products of matrices are evaluated, then compared entry by entry under the number rules;
@@ -60,6 +64,7 @@ from grpo_core.verify.values import (
     PM,
     AnswerList,
     Bracketed,
+    Labelled,
     MatrixOf,
     Relation,
     SetOf,
@@ -452,7 +457,7 @@ def _reshape(x):
             if all(v is not None and _is_name(n) for n, v in pairs):
                 names = [n for n, _ in pairs]
                 if len(set(names)) == len(names):
-                    return Bracketed(tuple(v for _, v in pairs), "(", ")")
+                    return Labelled(tuple(names), tuple(v for _, v in pairs))
                 if len(set(names)) == 1:
                     return SetOf(tuple(v for _, v in pairs))
         return AnswerList(items)
@@ -485,6 +490,11 @@ def structures_equal(a, b, na=None, nb=None) -> bool:
     """Equality of two parsed answers (``a`` from the response, ``b`` from the gold)."""
     sa, sb = _side(na), _side(nb)
     a, b = _reshape(_expand_pm(a)), _reshape(_expand_pm(b))
+    if isinstance(a, Labelled) or isinstance(b, Labelled):
+        by_label = _labelled_equal(a, b, sa, sb)
+        if by_label is not None:
+            return by_label
+        a, b = _unlabel(a, b), _unlabel(b, None)
     if isinstance(a, Relation) and not isinstance(b, Relation):
         value = _eq_value(a)
         if value is not None:
@@ -530,6 +540,25 @@ def structures_equal(a, b, na=None, nb=None) -> bool:
     if isinstance(a, UnionOf) and isinstance(b, UnionOf):
         return _unordered_equal(a.items, b.items, sa, sb)
     return False
+
+
+def _labelled_equal(a, b, sa, sb) -> bool | None:
+    """Both sides state values for the same set of names: compare name by name, whatever the written order
+    (``b_{10} = 31, b_2 = 7`` is ``b_2 = 7, b_{10} = 31``; ``b_2 = 31, b_{10} = 7`` is not). None otherwise."""
+    if not (isinstance(a, Labelled) and isinstance(b, Labelled)) or set(a.names) != set(b.names):
+        return None
+    gold = dict(zip(b.names, b.values))
+    return all(_item_equal(value, gold[name], sa, sb) for name, value in zip(a.names, a.values))
+
+
+def _unlabel(x, other):
+    """Labelled values without their names: the ordered tuple they state, or, against a gold comma list or set
+    (``x_1 = 2, x_2 = -4`` for the roots ``-4, 2``), a list that the list rules compare."""
+    if not isinstance(x, Labelled):
+        return x
+    if isinstance(other, (AnswerList, SetOf)):
+        return AnswerList(x.values)
+    return Bracketed(x.values, "(", ")")
 
 
 def _names_match(a: Relation, b: Relation) -> bool:

@@ -7,7 +7,9 @@ Extraction order (first that applies wins; each rule can be switched off in :cla
    hallucinated next turn, not the answer;
 1. the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (real brace matching; also the ``\\boxed 5`` form). Boxes
    that directly precede it, separated only by commas, "and"/"or", ``$`` or spacing
-   (``\\boxed{3}, \\boxed{4}``), are joined into one list answer. If the last box is unterminated or
+   (``\\boxed{3}, \\boxed{4}``), are joined into one list answer. A response in labelled parts ("(a)",
+   "(b)", ... or "(i)", "(ii)", ...; "Part (a)", a line starting "a)") whose every part holds a box, the last
+   box in the last part, answers ``(a) <last box of (a)>, (b) <last box of (b)>``. If the last box is unterminated or
    too long the response has no answer: a truncated final answer is not replaced by an earlier one;
 2. the last "final answer is X" / "the answer is X" / "Answer: X" / "#### X" / "X is the answer"
    phrase (X runs to the end of the line or sentence; if X is itself a sentence such as "The smallest
@@ -170,6 +172,57 @@ def _box_at(text: str, m: re.Match, limit: int) -> tuple[str | None, int]:
     return (arg.group(0), i + arg.end()) if arg else (None, i)
 
 
+PART_WINDOW = 20_000
+"""Labelled parts ``(a) ... (b) ...`` are looked for in at most this many characters at the end of the response."""
+_PART_HEAD_RE = re.compile(
+    r"(?:^|(?<=[\s*>#_]))(?:[Pp]art\s*)?\(([a-h]|i{1,3}|iv|vi{0,3})\)"
+    r"|^[ \t*#>_]*(?:[Pp]art\s+)?([a-h])(?:\)|\*\*|:)",
+    re.MULTILINE,
+)
+_PART_ORDERS = ("abcdefgh", ("i", "ii", "iii", "iv", "v", "vi", "vii", "viii"))
+
+
+def _part_boxes(text: str, last_box: int) -> str | None:
+    """``(a) ... \\boxed{12} ... (b) ... \\boxed{5}`` -> ``(a) 12, (b) 5``: a response in labelled parts
+    ((a), (b), ... or (i), (ii), ...; "Part (a)", a line starting "a)") whose every part ends in a box, the
+    last box of the response in the last part; each part's last box is its answer. None otherwise."""
+    start = max(0, len(text) - PART_WINDOW)
+    heads = [(m.group(1) or m.group(2), m) for m in _PART_HEAD_RE.finditer(text, start)]
+    if len(heads) < 2:
+        return None
+    for order in _PART_ORDERS:
+        firsts = [k for k, (name, _) in enumerate(heads) if name == order[0]]
+        for k in reversed(firsts[-5:]):  # a later "(a)" may be a reference back ("as in (a)")
+            chosen, expected = [heads[k][1]], 1
+            for name, m in heads[k + 1 :]:
+                if expected < len(order) and name == order[expected]:
+                    chosen.append(m)
+                    expected += 1
+                elif name not in order[:expected]:
+                    break
+            else:
+                answer = _answers_of_parts(text, chosen, order, last_box)
+                if answer is not None:
+                    return answer
+    return None
+
+
+def _answers_of_parts(text: str, heads: list, order, last_box: int) -> str | None:
+    if len(heads) < 2 or not heads[-1].end() <= last_box:
+        return None
+    answers = []
+    for j, head in enumerate(heads):
+        end = heads[j + 1].start() if j + 1 < len(heads) else len(text)
+        box = _last_match(_BOX_RE, text[head.end() : end])
+        if box is None:
+            return None
+        content, after = _box_at(text, _BOX_RE.match(text, head.end() + box.start()), MAX_ANSWER_CHARS)
+        if content is None or after > end:
+            return None
+        answers.append(f"({order[j]}) {content.strip()}")
+    return ", ".join(answers)
+
+
 def _last_boxed(text: str, join: bool = False) -> tuple[bool, str | None]:
     """(found_any_box, content of the last box or None if that box is malformed / too long). With
     ``join``, boxes directly before the last one (only commas/and/or/$/spacing between) are joined into
@@ -180,6 +233,9 @@ def _last_boxed(text: str, join: bool = False) -> tuple[bool, str | None]:
     content, _ = _box_at(text, last, MAX_LITERAL_CHARS)
     if content is None or not join:
         return True, content
+    parts = _part_boxes(text, last.start())
+    if parts is not None:
+        return True, parts
     parts, start = [content], last.start()
     while len(parts) < 20:
         prev = max(text.rfind("\\boxed", max(0, start - 2 * MAX_ANSWER_CHARS), start),

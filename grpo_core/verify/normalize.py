@@ -239,3 +239,42 @@ def decimal_comma_reading(text: str) -> str | None:
     if comma and len(comma.group(3)) != 3:
         return f"{comma.group(1)}{comma.group(2)}.{comma.group(3)}"
     return None
+
+
+_PART_LABEL_RE = re.compile(r"(?:^|(?<=[\s,;]))\(([a-h]|i{1,3}|iv|vi{0,3})\)\s*")
+_PART_ORDER = ("abcdefgh", ("i", "ii", "iii", "iv", "v", "vi", "vii", "viii"))
+
+
+def labelled_parts(text: str) -> tuple[tuple[str, str], ...] | None:
+    """``(a) 12, (b) 5`` -> (("a", "12"), ("b", "5")): an answer given as labelled parts (each label once, the
+    labels together consecutive from (a) or (i), one at the start); None when ``text`` is not such a list of
+    at least two parts."""
+    labels = list(_PART_LABEL_RE.finditer(text))
+    if len(labels) < 2 or labels[0].start() != 0:
+        return None
+    names = [m.group(1) for m in labels]
+    if not any(sorted(names) == sorted(order[: len(names)]) for order in _PART_ORDER):
+        return None  # labels each once, consecutive from (a) / (i), in any written order
+    parts = []
+    for m, nxt in zip(labels, labels[1:] + [None]):
+        body = text[m.end() : nxt.start() if nxt else len(text)].strip().strip(",;").strip()
+        if not body:
+            return None
+        parts.append((m.group(1), body))
+    return tuple(parts)
+
+
+def split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and braces (``(1, 2), 3`` -> ``["(1, 2)", "3"]``)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    items.append(text[start:].strip())
+    return items
+
