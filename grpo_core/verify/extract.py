@@ -12,8 +12,11 @@ Extraction order (first that applies wins; each rule can be switched off in :cla
    box in the last part, answers ``(a) <last box of (a)>, (b) <last box of (b)>``. If the last box is unterminated or
    too long the response has no answer: a truncated final answer is not replaced by an earlier one;
 2. the last "final answer is X" / "the answer is X" / "Answer: X" / "#### X" / "X is the answer"
-   phrase (X runs to the end of the line or sentence; if X is itself a sentence such as "The smallest
-   $k$ is 27", rule 3 is applied to it);
+   phrase (X runs to the end of the line or sentence; a clause after the value is dropped: "12 apples,
+   since ..." is 12, "7 (because ...)" is 7; a math span followed in its sentence by "giving" / "which
+   equals" / "=" and a value closing the sentence is not the answer, that value is: "the answer is
+   $\\sum_k k$ evaluated, giving 12" is 12; if X is itself a sentence such as "The smallest $k$ is 27",
+   rule 3 is applied to it);
 3. the final sentence (closing courtesy sentences such as "I hope it is correct." skipped): the math
    span it ends with (``$..$``, ``$$..$$``, ``\\(..\\)``, ``\\[..\\]``, newlines allowed inside), else the
    value after its last "is" / "are" / "equals" / "=" when that value is short and numeric-looking,
@@ -112,6 +115,32 @@ _NEXT_SPAN_RE = re.compile(r"[ \t]*(?:,|,?[ \t]*and|,?[ \t]*or)[ \t]*\$([^$\n]{1
 _LIST_GAP_RE = re.compile(r"\s*(?:,|,?\s*and|,?\s*or)\s*")
 _CLAUSE_RE = re.compile(r"(?:[,;:]\s*|\s)((?:so|therefore|thus|hence)\b)", re.IGNORECASE)
 _CHOICE_VALUE_RE = re.compile(r"\(?[A-J]\)")
+_TRAILING_CLAUSE_RE = re.compile(
+    r"\s*(?:[,;]\s*(?:because|since|as|so|which|where|when|if|for|but|while|given|then|this|that|it|we|i|they|"
+    r"here|note|check|thus|hence|therefore|and (?:the|we|so|then|it|this|that|there|thus|hence))"
+    r"|\s+(?:because|since|which|where|as|for))(?![A-Za-z])|\s+\((?=[A-Za-z]{3,}\b)",
+    re.IGNORECASE,
+)
+_LATER_VALUE_RE = re.compile(
+    r"[^.\n$]{0,80}?[,;]?\s*(?:giving|yielding|which (?:gives|equals|is|evaluates to|is equal to)|to get|"
+    r"we get|that gives|this gives|equal to|equals|=)\s*(\$[^$\n]{1,200}\$|[-+\u2212]?\d[\d,]*(?:\.\d+)?(?:/\d+)?)"
+    r"[ \t]*(?:[.!]|$)",
+    re.IGNORECASE,
+)
+
+
+def _cut_trailing_clause(value: str) -> str:
+    """``12 apples, since each box holds 3`` -> ``12 apples``: a value followed by a clause about it. Only
+    cuts when what precedes the clause is short and holds a digit (words after it are units, not prose)."""
+    cut = _TRAILING_CLAUSE_RE.search(value)
+    if cut is None or cut.start() == 0:
+        return value
+    head = value[: cut.start()]
+    if "$" in head and head.count("$") % 2:
+        return value  # the clause word sits inside math
+    if re.search(r"\d", head) and len(re.findall(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", " ", head))) <= 2:
+        return head.strip()
+    return value
 _NUM_TOKEN_RE = re.compile(r"[-+\u2212]?\$?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?%?")
 
 
@@ -350,6 +379,10 @@ def _sentence_answer(text: str, require_prose: bool = True) -> str | None:
             masked_raw = head[a:b]
             words = [w for w in re.findall(r"[A-Za-z]{2,}", masked_raw.replace("\x00", " "))]
             raw = raw.strip("*").strip()
+            cut = _cut_trailing_clause(raw)
+            if cut != raw:
+                masked_raw, raw = masked_raw[: len(cut)], cut
+                words = [w for w in re.findall(r"[A-Za-z]{2,}", masked_raw.replace("\x00", " "))]
             if _CHOICE_VALUE_RE.fullmatch(raw):
                 return found(a, b, raw)
             if (re.search(r"\d", raw) or "\x00" in masked_raw) and len(words) <= 3 and re.match(
@@ -399,6 +432,9 @@ def _phrase_answer(text: str) -> str | None:
                         break
                     parts.append(more.group(1).strip())
                     after = more.end()
+                later = _LATER_VALUE_RE.match(rest, after) if len(parts) == 1 else None
+                if later is not None:  # "the answer is $\\sum_k k$ evaluated, giving 12": the value closing it
+                    return later.group(1).strip("$").strip() or None
                 return ", ".join(p for p in parts if p) or None
             break
     line = rest.lstrip().split("\n", 1)[0]
@@ -412,6 +448,7 @@ def _phrase_answer(text: str) -> str | None:
         span = span.lstrip("\\").strip('"').rstrip("\\").strip()
     if not span:
         return None
+    span = _cut_trailing_clause(span)
     words = re.findall(r"[A-Za-z]{2,}", re.sub(r"\$[^$]*\$|\\[A-Za-z]+", " ", span))
     if len(words) >= 3:  # "The smallest $k$ is 27": the phrase introduces a sentence
         inner = _sentence_answer(span, require_prose=False)
