@@ -190,10 +190,39 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
                 alt_norm = NormalizedAnswer(alt, na.percent, None)
                 parsed_alt, alt_side = _parse_side(alt_norm)
                 ok = structures_equal(parsed_alt, parsed_gold, alt_side, gold_side)
+        if not ok and na.degrees != ng.degrees:
+            ok = _angle_units_equal(parsed_answer, parsed_gold, na.degrees, answer_side, gold_side)
     except (ValueError, TypeError, ArithmeticError, AttributeError, NotImplementedError):
         # sympy itself gave up on the comparison (e.g. complex AccumulationBounds): cannot judge.
         return False, "unjudgeable"
     return ok, ("correct" if ok else "wrong")
+
+
+def _angle_units_equal(answer, gold, answer_in_degrees: bool, answer_side, gold_side) -> bool:
+    """One side in degrees (a degree mark or unit), the other in radians (a constant multiple of pi): the
+    degree value times pi/180 is the radian value (``45^\\circ`` is ``\\frac{\\pi}{4}`` either way round). A bare
+    number is not in degrees (``45`` is not ``\\frac{\\pi}{4}``)."""
+    radians = gold if answer_in_degrees else answer
+    if not _in_radians(radians):
+        return False
+    if answer_in_degrees:
+        converted = _map_scalars(answer, lambda v: v * sympy.pi / 180)
+        return converted is not None and structures_equal(converted, gold, Side(answer_side.norm, {}), gold_side)
+    converted = _map_scalars(answer, lambda v: v * 180 / sympy.pi)
+    return converted is not None and structures_equal(converted, gold, Side(answer_side.norm, {}), gold_side)
+
+
+def _in_radians(value) -> bool:
+    items = value.items if isinstance(value, (AnswerList, SetOf)) else (value,)
+    return all(isinstance(v, sympy.Basic) and not v.free_symbols and v.has(sympy.pi) for v in items)
+
+
+def _map_scalars(value, fn):
+    if isinstance(value, sympy.Basic):
+        return fn(value) if not value.free_symbols else None
+    if isinstance(value, (AnswerList, SetOf)) and all(isinstance(v, sympy.Basic) for v in value.items):
+        return type(value)(tuple(fn(v) for v in value.items))
+    return None
 
 
 def _parts_equal(parts_a, parts_g, text_a: str, text_g: str) -> bool:

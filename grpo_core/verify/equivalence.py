@@ -18,6 +18,10 @@ Rules (the documented contract of :func:`grpo_core.verify.verify`):
   matrices; a decimal inside an expression with symbols (``0.5x``) is exact. No relative tolerance is used
   on numbers;
 * percent: ``50%`` equals ``50`` and ``0.5`` (the % is dropped, or the value divided by 100);
+* angle units (api.py): when exactly one side carries a degree mark or unit (``45^\\circ``, ``45°``, ``45
+  degrees``) and the other is a constant multiple of pi (or a list of such), the degree value times pi/180 is
+  compared with it (``45^\\circ`` is ``\\frac{\\pi}{4}`` either way round); a bare number is never taken as
+  degrees (``45`` is not ``\\frac{\\pi}{4}``, ``\\frac{\\pi}{4}`` is not a gold ``45``);
 * ``\\pm``: ``1 \\pm \\sqrt2`` is the set {1+sqrt2, 1-sqrt2};
 * expressions with symbols: equal if they agree at 6 seeded random rational points in [0.5, 2.5] --
   exactly when both sides evaluate to rationals there (so ``(x+2)^{500}`` differs from

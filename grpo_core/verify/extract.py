@@ -9,8 +9,10 @@ Extraction order (first that applies wins; each rule can be switched off in :cla
    that directly precede it, separated only by commas, "and"/"or", ``$`` or spacing
    (``\\boxed{3}, \\boxed{4}``), are joined into one list answer. A response in labelled parts ("(a)",
    "(b)", ... or "(i)", "(ii)", ...; "Part (a)", a line starting "a)") whose every part holds a box, the last
-   box in the last part, answers ``(a) <last box of (a)>, (b) <last box of (b)>``. If the last box is unterminated or
-   too long the response has no answer: a truncated final answer is not replaced by an earlier one;
+   box in the last part, answers ``(a) <last box of (a)>, (b) <last box of (b)>``. A last box left
+   unclosed at the very end (``\\boxed{9``) answers its content when that is short, has no braces and
+   holds a digit; any other unterminated or too long last box means no answer: a truncated final answer is not
+   replaced by an earlier one;
 2. the last "final answer is X" / "the answer is X" / "Answer: X" / "#### X" / "X is the answer"
    phrase (X runs to the end of the line or sentence; a clause after the value is dropped: "12 apples,
    since ..." is 12, "7 (because ...)" is 7; a math span followed in its sentence by "giving" / "which
@@ -252,6 +254,22 @@ def _answers_of_parts(text: str, heads: list, order, last_box: int) -> str | Non
     return ", ".join(answers)
 
 
+_UNCLOSED_TAIL_RE = re.compile(r"\s*\{([^$\n]{1,100}?)\s*(?:\$\$?|\\\]|\\\))?[\s.]*")
+
+
+def _unclosed_box(text: str, m: re.Match) -> str | None:
+    """``... \\boxed{9`` / ``$\\boxed{9$.`` at the very end: the box's closing brace was left out. Its content
+    is the answer when it is short, on one line, without braces and holds a digit; a tail with groups
+    (``\\boxed{\\frac{1}{2}``: was it ``{25}``?) or a long one is a truncated answer, and no answer."""
+    if len(text) - m.end() > 400:
+        return None
+    tail = _UNCLOSED_TAIL_RE.fullmatch(text, m.end())
+    if tail is None:
+        return None
+    content = tail.group(1)
+    return content if "{" not in content and "}" not in content and re.search(r"\d", content) else None
+
+
 def _last_boxed(text: str, join: bool = False) -> tuple[bool, str | None]:
     """(found_any_box, content of the last box or None if that box is malformed / too long). With
     ``join``, boxes directly before the last one (only commas/and/or/$/spacing between) are joined into
@@ -260,6 +278,8 @@ def _last_boxed(text: str, join: bool = False) -> tuple[bool, str | None]:
     if last is None:
         return False, None
     content, _ = _box_at(text, last, MAX_LITERAL_CHARS)
+    if content is None:
+        content = _unclosed_box(text, last)
     if content is None or not join:
         return True, content
     parts = _part_boxes(text, last.start())

@@ -7,7 +7,8 @@ Rules (documented contract; the same function is applied to the response's answe
 * ``\\text{...}`` / ``\\mbox{...}`` / ``\\textrm{...}``: a word-only content (a unit such as ``cm``,
   ``dollars``, ``degrees``) is dropped, ``or``/``and`` become a comma, anything else is unwrapped;
   ``\\mathrm``/``\\mathbf``/``\\operatorname`` are unwrapped;
-* degrees (``^\\circ``, ``^{\\circ}``, ``°``, ``\\degree``) are dropped: ``30^\\circ`` equals ``30``;
+* degrees (``^\\circ``, ``^{\\circ}``, ``°``, ``\\degree``) are dropped: ``30^\\circ`` equals ``30``; that a degree
+  mark or unit was there is remembered (``degrees``: a radian gold with pi converts it, see api.py);
 * a percent sign is dropped and remembered (see :mod:`grpo_core.verify.equivalence` for the rule);
 * ``1{,}000`` / ``1,000,000`` become ``1000`` / ``1000000`` when the whole answer is one number;
   ``2 1/3`` (whole answer) is the mixed number 7/3;
@@ -73,6 +74,7 @@ _TEXT_CMDS = ("text", "textrm", "textnormal", "mbox", "textup", "textit", "textb
 _UNWRAP_CMDS = ("mathrm", "mathbf", "mathit", "mathsf", "boldsymbol", "bm", "operatorname", "mathbb", "mathnormal")
 _WRAP_RE = re.compile(r"\\(" + "|".join(_TEXT_CMDS + _UNWRAP_CMDS) + r")\s*\{")
 _DEGREE_RE = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree(?![A-Za-z])|\^\s*\{\s*o\s*\}")
+_DEGREE_MARK_RE = re.compile(r"\\circ|\\degree(?![A-Za-z])|\u00b0|\^\s*\{\s*o\s*\}|\bdeg(?:ree)?s?\b", re.IGNORECASE)
 _PERCENT_RE = re.compile(r"\\?%")
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _MIXED_RE = re.compile(r"([-+]?)(\d+) +(\d+) */ *(\d+)")
@@ -127,6 +129,8 @@ class NormalizedAnswer:
     """The answer listed items with "and" / "or" (a solution set, compared unordered)."""
     rejected: bool = False
     """The answer is malformed in a way that must not match anything (``nan``, ``7 1/4%``)."""
+    degrees: bool = False
+    """A degree mark or unit was dropped (``45^\\circ``, ``45°``, ``45 degrees``)."""
 
 
 def _unwrap_text_commands(s: str) -> str:
@@ -159,6 +163,7 @@ def _unwrap_text_commands(s: str) -> str:
 def normalize_span(span: str) -> NormalizedAnswer:
     """Normalize an extracted answer span (see module docstring). Linear in len(span)."""
     s = span.strip()
+    degrees = _DEGREE_MARK_RE.search(s) is not None
     if len(s) > 1000:  # only a plain number literal can be this long (extract._cap): skip the LaTeX passes
         plain = _LONG_LITERAL_RE.fullmatch(s)
         if plain:
@@ -230,7 +235,9 @@ def normalize_span(span: str) -> NormalizedAnswer:
         s = word
     dec = _DECIMAL_RE.fullmatch(s)
     decimals = len(dec.group(2)) if dec else None
-    return NormalizedAnswer(text=s, percent=percent, decimals=decimals, joined_by_words=joined, rejected=rejected)
+    return NormalizedAnswer(
+        text=s, percent=percent, decimals=decimals, joined_by_words=joined, rejected=rejected, degrees=degrees
+    )
 
 
 def decimal_comma_reading(text: str) -> str | None:
