@@ -389,7 +389,8 @@ def test_hostile_inputs_bounded_and_side_effect_free(name):
         elapsed = time.perf_counter() - t0
         assert elapsed < 2.0, (name, elapsed, result)
         assert isinstance(result.correct, bool) and not result.reason.startswith("error"), result
-    assert judge(text, "1").correct is (name == "response_1mb" or name == "boxes_100k")
+    # parens_400 is benign: 400 redundant pairs around 1 collapse to (1), within the depth bound
+    assert judge(text, "1").correct is (name in ("response_1mb", "boxes_100k", "parens_400"))
     assert not os.path.exists(PWNED)
 
 

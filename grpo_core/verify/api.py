@@ -40,6 +40,7 @@ from grpo_core.verify.normalize import (
 
 _GOLD_CHOICE = re.compile(r"\(?([A-J])\)?")
 _GOLD_CHOICE_WITH_VALUE = re.compile(r"\(([A-J])\)\s+\S.*")  # gold "(B) 7": the letter decides
+_OPTION_PREFIX = re.compile(r"\(\s*[A-J]\s*\)\s*(?=[^\s,;])")
 _WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
 
 
@@ -171,6 +172,9 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
     if gold_letter:
         ok = choice_letter(na.text) == gold_letter.group(1)
         return ok, ("correct" if ok else "wrong")
+    option = _OPTION_PREFIX.match(na.text)
+    if option:  # "\textbf{(C) } 1008" for the gold 1008: the option's value is the answer
+        na = NormalizedAnswer(na.text[option.end() :], na.percent, None, na.joined_by_words, na.rejected, na.degrees)
     try:
         parsed_gold, gold_side = _parse_side(ng)
     except (ParseError, TooBig, RecursionError):

@@ -35,7 +35,10 @@ Rules (the documented contract of :func:`grpo_core.verify.verify`):
   ``\\approx`` ends the chain (``x = 1/3 \\approx 0.33`` states 1/3). ``a+3z = 0`` states nothing (not a name).
   Two equations are equal if their sides match or ``lhs-rhs`` are proportional;
 * inequalities over one variable equal the interval / union they describe (``x>2`` == ``(2,\\infty)``,
-  ``-x > -4`` == ``x < 4``: a linear inequality is solved first); an infinite interval end is always open;
+  ``-x > -4`` == ``x < 4``: a linear inequality is solved first; ``-3 \\le y \\le 5`` == ``y \\in [-3, 5]``
+  == ``[-3, 5]``: the variable may be named on one side only; ``|x - 1| > 2`` == ``(-\\infty, -1) \\cup
+  (3, \\infty)`` and ``|2x+1| \\le 5`` == ``[-3, 2]``: an absolute value of a linear expression against a
+  positive constant is solved); an infinite interval end is always open;
 * unordered-set rule: a gold written as a set ``\\{..\\}``, with "and"/"or", as ``x = 1, x = 2`` (one
   unknown), as a ``;``-separated list of solutions, or as a list of tuples is a solution set and compares
   unordered; a gold comma list of numbers compares unordered only when it is sorted (ascending or
@@ -51,8 +54,9 @@ Rules (the documented contract of :func:`grpo_core.verify.verify`):
 * letters: ``e`` is Euler's number and ``i`` the imaginary unit (``x_i`` stays a symbol); a prose answer
   ("yes", "Monday": a word of >= 3 letters, no function names) compares as case-insensitive text;
   ``nan`` never matches;
-* multiple choice: a gold that is a single letter A-J matches ``B``, ``(B)``, ``B)``, ``\\text{(B)}``,
-  ``\\textbf{(B)}``, ``(B) 42``.
+* multiple choice: a gold that is a single letter A-J matches ``B``, ``(B)``, ``( B )``, ``B)``, ``\\text{(B)}``,
+  ``\\textbf{(B)}``, ``\\textbf{B.}``, ``(B) 42``; against a gold that is not a letter, an answer ``(B) 42``
+  (option letter, then its value) answers 42.
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ def _side(x) -> Side:
 
 def choice_letter(text: str) -> str | None:
     """The multiple-choice letter of a normalized answer, if it is one (``B``, ``(B)``, ``(B) 42``)."""
-    m = _CHOICE_RE.fullmatch(text.strip())
+    m = _CHOICE_RE.fullmatch(re.sub(r"\(\s*([A-J])\s*\)", r"(\1)", text.strip()))
     return m.group(1) if m else None
 
 
@@ -350,6 +354,36 @@ def _solve_linear(x: Relation):
     return Relation((sym, bound), (op,))
 
 
+def _solve_abs(x: Relation):
+    """``|k y + m| < c`` / ``|k y + m| \\ge c`` (c > 0, one symbol, linear inside) as the interval or the union of
+    two rays it describes (``|x - 1| > 2`` is (-oo, -1) U (3, oo)); None for any other relation."""
+    if len(x.terms) != 2 or x.ops[0] not in _FLIP or not all(isinstance(t, sympy.Basic) for t in x.terms):
+        return None
+    (left, right), op = x.terms, x.ops[0]
+    if isinstance(right, sympy.Abs) and not isinstance(left, sympy.Abs):
+        left, right, op = right, left, _FLIP[op]
+    if not isinstance(left, sympy.Abs) or right.free_symbols or not right.is_real or not right.is_positive:
+        return None
+    inner = left.args[0]
+    if len(inner.free_symbols) != 1:
+        return None
+    (sym,) = inner.free_symbols
+    try:
+        k = sympy.diff(inner, sym)
+        rest = sympy.expand(inner - k * sym)
+    except (Deadline, KeyboardInterrupt):
+        raise
+    except Exception:
+        return None
+    if k.free_symbols or rest.free_symbols or not k.is_real or k == 0:
+        return None
+    ends = sorted(((-right - rest) / k, (right - rest) / k), key=lambda v: float(v))
+    strict = op in ("<", ">")
+    if op in ("<", "<="):
+        return ((ends[0], ends[1], strict, strict),)
+    return ((-sympy.oo, ends[0], True, strict), (ends[1], sympy.oo, strict, True))
+
+
 def as_intervals(x):
     """x as a tuple of (lo, hi, lo_open, hi_open) intervals, or None if it is not interval-like."""
     if isinstance(x, Bracketed) and len(x.items) == 2 and all(isinstance(i, sympy.Basic) for i in x.items):
@@ -360,10 +394,16 @@ def as_intervals(x):
     if isinstance(x, Relation):
         if x.ops == ("in",) and _is_name(x.terms[0]):
             return as_intervals(x.terms[1])
+        if any(isinstance(t, sympy.Abs) for t in x.terms):
+            solved = _solve_abs(x)
+            if solved is not None:
+                return solved
         names = [t for t in x.terms if _is_name(t)]
         if len(names) != 1 or any(op in ("=", "in", "~") for op in x.ops):
-            solved = _solve_linear(x) if not any(op in ("=", "in", "~", "!=") for op in x.ops) else None
-            return as_intervals(solved) if solved is not None else None
+            if any(op in ("=", "in", "~", "!=") for op in x.ops):
+                return None
+            solved = _solve_linear(x)
+            return as_intervals(solved) if solved is not None else _solve_abs(x)
         if x.ops == ("!=",):
             v = x.terms[1] if _is_name(x.terms[0]) else x.terms[0]
             return ((-sympy.oo, v, True, True), (v, sympy.oo, True, True))

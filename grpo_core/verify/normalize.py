@@ -14,7 +14,8 @@ Rules (documented contract; the same function is applied to the response's answe
   ``2 1/3`` (whole answer) is the mixed number 7/3;
 * trailing unit words after a number (``5 apples``, ``60 km/h``, ``12 cm²``), currency signs
   (``\\$``, ``€``, ``£``, ``¥``, ``₹``) and a trailing ``.`` are dropped; a leading label word
-  (``Area = 12``, ``\\text{Total}: 12``) is dropped;
+  (``Area = 12``, ``\\text{Total}: 12``) is dropped, but a program keyword as label (``def: 2``,
+  ``return = 2``) rejects the answer: it is code, not a labelled value;
 * number formats: thin-space / space thousands groups (``2\\,000``, ``2 000``), ``22,\\!333``, a decimal
   comma where it cannot be a thousands separator (``2500,75``, ``0,125``, ``1,5``: not exactly three digits
   after the comma, or a leading ``0,``), European ``2.500,75``;
@@ -22,7 +23,9 @@ Rules (documented contract; the same function is applied to the response's answe
   (``7\n1/4`` is not a number) and never with a percent sign (``7 1/4%`` is ambiguous: rejected);
 * a repeating decimal ``0.1\\overline{6}`` is its exact fraction (1/6);
 * ordinal suffixes (``5th``, ``5^{\\text{th}}``) are dropped; a single number word (``five``) is its number;
-* ``nan`` is never a value (rejected).
+* ``nan`` is never a value (rejected);
+* a bracket pair whose only content is a pair of the same kind is dropped (``((((2))))`` is ``(2)``), so
+  benign nesting deeper than MAX_DEPTH still parses; other deep nesting stays refused.
 """
 
 from __future__ import annotations
@@ -108,6 +111,12 @@ _WORD_NUMBERS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60
                       "ninety": "90", "hundred": "100", "thousand": "1000", "million": "1000000"})
 _LONG_LITERAL_RE = re.compile(r"[-+]?(?:\d+|\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+)(?:\.(\d+))?")
 _LABEL_RE = re.compile(r"^\s*[A-Za-z][A-Za-z ]{2,}\s*[=:]\s*(?=\S)")
+_CODE_WORDS = frozenset({
+    "def", "return", "print", "printf", "lambda", "let", "var", "const", "int", "float", "double", "char", "void",
+    "class", "import", "from", "assert", "yield", "elif", "else", "if", "for", "while", "true", "false", "null",
+    "none", "function", "func", "fn", "echo", "puts", "case", "default", "switch", "goto", "public", "static",
+})
+"""Words that make a leading ``word:`` / ``word =`` a program keyword, not an answer label."""
 _SPACE_GROUPS_RE = re.compile(r"(?<![\d.])(\d{1,3})((?: \d{3})+)(?![\d/])")
 _DECIMAL_COMMA_RE = re.compile(r"(-?)(\d+),(\d+)")
 _EURO_RE = re.compile(r"(-?\d{1,3}(?:\.\d{3})+),(\d+)")
@@ -149,7 +158,7 @@ def _unwrap_text_commands(s: str) -> str:
                 content = ","
             elif (
                 re.fullmatch(r"[A-Za-z][A-Za-z .]*", words)
-                and not re.fullmatch(r"[A-J]|[a-z]", words)
+                and not re.fullmatch(r"[A-J]\.?|[a-z]", words)
                 and re.search(r"[\w\\]", s[: m.start()] + s[close + 1 :])
             ):
                 content = " "  # a unit next to a value; a text-only answer ("\text{yes}") is kept
@@ -201,7 +210,9 @@ def normalize_span(span: str) -> NormalizedAnswer:
     s = re.sub(r",\s*,", ",", s).strip(" ,")
     s = re.sub(r"^[=:]\s*", "", s)
     label = _LABEL_RE.match(s)
-    if label and not any(w.lower() in _MATH_WORDS for w in re.findall(r"[A-Za-z]+", label.group(0))) and len(
+    if label and label.group(0).split()[0].rstrip("=:").lower() in _CODE_WORDS:
+        rejected = True  # "def: 2", "return: 2": program text, not a labelled value
+    elif label and not any(w.lower() in _MATH_WORDS for w in re.findall(r"[A-Za-z]+", label.group(0))) and len(
         re.findall(r"[A-Za-z]{3,}", label.group(0))
     ):
         s = s[label.end() :]
@@ -233,6 +244,8 @@ def normalize_span(span: str) -> NormalizedAnswer:
     word = _WORD_NUMBERS.get(s.lower())
     if word is not None:  # "\\text{five}"
         s = word
+    if "((" in s or "{{" in s or "[[" in s:
+        s = collapse_redundant_brackets(s)
     dec = _DECIMAL_RE.fullmatch(s)
     decimals = len(dec.group(2)) if dec else None
     return NormalizedAnswer(
@@ -284,4 +297,41 @@ def split_top_level(text: str) -> list[str]:
             start = i + 1
     items.append(text[start:].strip())
     return items
+
+
+_CLOSER = {"(": ")", "[": "]", "{": "}"}
+
+
+def collapse_redundant_brackets(s: str) -> str:
+    """``((((2))))`` -> ``(2)``, ``{{{x}}}`` -> ``{x}``: a bracket pair whose only content is a pair of the same
+    kind is redundant (the parser reads ``((a, b))`` as ``(a, b)`` and ``[[x]]`` as ``[x]``), so benign deep
+    nesting parses within MAX_DEPTH. One linear pass; escaped ``\\{``/``\\}`` and unbalanced text are left alone."""
+    stack: list[int] = []
+    inner_open: dict[int, int] = {}  # close index -> open index, for every matched pair
+    drop: set[int] = set()
+    i, n = 0, len(s)
+    while i < n:
+        ch = s[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch in _CLOSER:
+            stack.append(i)
+        elif ch in ")]}":
+            if not stack or _CLOSER[s[stack[-1]]] != ch:
+                return s
+            start = stack.pop()
+            first = start + 1
+            while first < i and s[first] == " ":
+                first += 1
+            last = i - 1
+            while last > start and s[last] == " ":
+                last -= 1
+            if inner_open.get(last) == first and s[first] == s[start]:
+                drop.update((start, i))
+            inner_open[i] = start
+        i += 1
+    if stack or not drop:
+        return s
+    return "".join(ch for k, ch in enumerate(s) if k not in drop)
 
