@@ -37,6 +37,7 @@ def test_corpus_size_and_classes_both_ways():
         "final_sentence", "delimiters", "multi_answer", "inequality", "equation", "matrix",
         "number_format", "precision", "expression", "long_nesting", "long_decimal", "labelled_parts",
         "trailing_text", "angle_units", "markup_edge", "interval_abs",
+        "ordered_tuple",
     }
     assert expected <= classes, expected - classes
     for cls in classes:

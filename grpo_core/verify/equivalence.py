@@ -42,7 +42,8 @@ Rules (the documented contract of :func:`grpo_core.verify.verify`):
 * unordered-set rule: a gold written as a set ``\\{..\\}``, with "and"/"or", as ``x = 1, x = 2`` (one
   unknown), as a ``;``-separated list of solutions, or as a list of tuples is a solution set and compares
   unordered; a gold comma list of numbers compares unordered only when it is sorted (ascending or
-  descending), i.e. when its order carries no information; an unsorted gold list (``1, 5, -3``) is ordered.
+  descending), i.e. when its order carries no information; an unsorted gold list (``1, 5, -3``) is ordered
+  and no answer permutes it, a set ``\\{5, 1, -3\\}`` included. ``(x, y) = (4, 1)`` states values by name.
   ``a=3, b=1`` (distinct unknowns) states values by name: against another such list with the same names it
   compares name by name in any written order (``b_{10} = 31, b_2 = 7`` is ``b_2 = 7, b_{10} = 31``; swapped
   values are not), against a gold comma list or set it is that list of values (``x_1 = 2, x_2 = -4`` for the
@@ -507,6 +508,11 @@ def _reshape(x):
         return AnswerList(items)
     if isinstance(x, SolutionGroups):
         return SetOf(tuple(_reshape(g) for g in x.groups))
+    if isinstance(x, Relation) and x.ops == ("=",):  # (x, y) = (4, 1): values by name
+        names, values = x.terms
+        if isinstance(values, Bracketed) and _is_name(names) and not _is_name(values):
+            if values.left == "(" and len(names.items) == len(values.items) == len(set(names.items)):
+                return Labelled(names.items, values.items)
     return x
 
 
@@ -561,7 +567,7 @@ def structures_equal(a, b, na=None, nb=None) -> bool:
             return _names_match(a, b) and structures_equal(va, vb, sa, sb)
         return False
     if isinstance(b, AnswerList) and isinstance(a, (SetOf, AnswerList)):
-        if isinstance(a, AnswerList) and _gold_list_ordered(b, sb):
+        if _gold_list_ordered(b, sb):  # an ordered gold: a set answer does not get to permute it either
             return _ordered_equal(a.items, b.items, sa, sb)
         return _unordered_equal(a.items, b.items, sa, sb)
     if isinstance(a, (SetOf, AnswerList)) and isinstance(b, SetOf):
