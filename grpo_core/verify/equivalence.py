@@ -355,15 +355,34 @@ def _solve_linear(x: Relation):
     return Relation((sym, bound), (op,))
 
 
+def _is_positive_constant(x) -> bool:
+    return isinstance(x, sympy.Basic) and not x.free_symbols and bool(x.is_real) and bool(x.is_positive)
+
+
 def _solve_abs(x: Relation):
     """``|k y + m| < c`` / ``|k y + m| \\ge c`` (c > 0, one symbol, linear inside) as the interval or the union of
-    two rays it describes (``|x - 1| > 2`` is (-oo, -1) U (3, oo)); None for any other relation."""
-    if len(x.terms) != 2 or x.ops[0] not in _FLIP or not all(isinstance(t, sympy.Basic) for t in x.terms):
+    two rays it describes (``|x - 1| > 2`` is (-oo, -1) U (3, oo)); ``a <= |k y + m| <= b`` (0 < a < b) as the
+    two intervals between; None for any other relation."""
+    if not all(isinstance(t, sympy.Basic) for t in x.terms) or not all(op in _FLIP for op in x.ops):
+        return None
+    if len(x.terms) == 3 and isinstance(x.terms[1], sympy.Abs):  # 1 <= |z| <= 3/2: the ring between
+        terms, ops = list(x.terms), list(x.ops)
+        if ops[0] in (">", ">="):
+            terms, ops = terms[::-1], [_FLIP[o] for o in ops[::-1]]
+        if any(o not in ("<", "<=") for o in ops) or not _is_positive_constant(terms[0]):
+            return None
+        outer = _solve_abs(Relation((terms[1], terms[2]), (ops[1],)))
+        inner = _solve_abs(Relation((terms[1], terms[0]), (_FLIP[ops[0]],)))
+        if outer is None or inner is None:
+            return None
+        (lo, hi, lo_open, hi_open), ((_, left_end, _, left_open), (right_end, _, right_open, _)) = outer[0], inner
+        return ((lo, left_end, lo_open, left_open), (right_end, hi, right_open, hi_open))
+    if len(x.terms) != 2:
         return None
     (left, right), op = x.terms, x.ops[0]
     if isinstance(right, sympy.Abs) and not isinstance(left, sympy.Abs):
         left, right, op = right, left, _FLIP[op]
-    if not isinstance(left, sympy.Abs) or right.free_symbols or not right.is_real or not right.is_positive:
+    if not isinstance(left, sympy.Abs) or not _is_positive_constant(right):
         return None
     inner = left.args[0]
     if len(inner.free_symbols) != 1:

@@ -6,8 +6,9 @@ Extraction order (first that applies wins; each rule can be switched off in :cla
    ``<|eot_id|>``, ``</s>``, ..., or a blank line followed by ``Human:`` / ``User:``) is ignored: it is a
    hallucinated next turn, not the answer;
 1. the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (real brace matching; also the ``\\boxed 5`` form). Boxes
-   that directly precede it, separated only by commas, "and"/"or", ``$`` or spacing
-   (``\\boxed{3}, \\boxed{4}``), are joined into one list answer. A response in labelled parts ("(a)",
+   that directly precede it, separated only by commas, "and"/"or", ``$``, ``\\(``/``\\)`` or spacing
+   (``\\boxed{3}, \\boxed{4}``), are joined into one list answer; when every joined box is preceded by a
+   name (``$x_1 = \\boxed{2}$ and $x_2 = \\boxed{-4}$``) the names are kept (``x_1 = 2, x_2 = -4``). A response in labelled parts ("(a)",
    "(b)", ... or "(i)", "(ii)", ...; "Part (a)", a line starting "a)") whose every part holds a box, the last
    box in the last part, answers ``(a) <last box of (a)>, (b) <last box of (b)>``. A last box left
    unclosed at the very end (``\\boxed{9``) answers its content when that is short, has no braces and
@@ -87,7 +88,7 @@ _TEMPLATE_RE = re.compile(
     r"|\n\n(?:Human|User|USER):"
 )
 _BOX_GAP_RE = re.compile(
-    r"(?:\s|\$|,|;|\\quad|\\qquad|\\[,;: ]|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|\\(?:text|mathrm)\{\s*\})*"
+    r"(?:\s|\$|,|;|\\quad|\\qquad|\\[,;: ()]|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|\\(?:text|mathrm)\{\s*\})*"
 )
 _LITERAL_RE = re.compile(r"[-+]?(?:\d+|\d{1,3}(?:[, ]\d{3})+)(?:\.\d+)?")
 _BOILERPLATE_RE = re.compile(
@@ -254,6 +255,7 @@ def _answers_of_parts(text: str, heads: list, order, last_box: int) -> str | Non
     return ", ".join(answers)
 
 
+_BOX_LABEL_RE = re.compile(r"(?<![A-Za-z\\])([A-Za-z](?:_\{?[A-Za-z0-9]{1,8}\}?)?)\s*=\s*(?:\\\(|\$)?\s*$")
 _UNCLOSED_TAIL_RE = re.compile(r"\s*\{([^$\n]{1,100}?)\s*(?:\$\$?|\\\]|\\\))?[\s.]*")
 
 
@@ -286,6 +288,7 @@ def _last_boxed(text: str, join: bool = False) -> tuple[bool, str | None]:
     if parts is not None:
         return True, parts
     parts, start = [content], last.start()
+    labels = [_BOX_LABEL_RE.search(text, max(0, start - 30), start)]
     while len(parts) < 20:
         prev = max(text.rfind("\\boxed", max(0, start - 2 * MAX_ANSWER_CHARS), start),
                    text.rfind("\\fbox", max(0, start - 2 * MAX_ANSWER_CHARS), start))
@@ -295,10 +298,15 @@ def _last_boxed(text: str, join: bool = False) -> tuple[bool, str | None]:
         if m is None:
             break
         prev_content, after = _box_at(text, m, MAX_ANSWER_CHARS)
-        if prev_content is None or after > start or start - after > 40 or not _BOX_GAP_RE.fullmatch(text, after, start):
+        gap_end = labels[-1].start() if labels[-1] is not None and labels[-1].start() >= after else start
+        if prev_content is None or after > start or gap_end - after > 40 or not _BOX_GAP_RE.fullmatch(text, after, gap_end):
             break
         parts.append(prev_content)
         start = prev
+        labels.append(_BOX_LABEL_RE.search(text, max(0, start - 30), start))
+    if len(parts) > 1 and all(label is not None for label in labels):
+        # "$x_1 = \\boxed{2}$ and $x_2 = \\boxed{-4}$": the names belong to the values
+        parts = [f"{label.group(1)} = {part.strip()}" for label, part in zip(labels, parts)]
     unique = list(dict.fromkeys(p.strip() for p in reversed(parts)))
     return True, ", ".join(unique)
 

@@ -71,7 +71,7 @@ _UNICODE = {
 }
 _DROP_CMDS = re.compile(
     r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg|displaystyle|textstyle|"
-    r"scriptstyle|quad|qquad|limits|nolimits|hline|boxed|fbox)(?![A-Za-z])|(?<!\\)\\[,;: ]|~"
+    r"scriptstyle|limits|nolimits|hline|boxed|fbox)(?![A-Za-z])|\\q?quad|(?<!\\)\\[,;: ]|~"
 )
 _TEXT_CMDS = ("text", "textrm", "textnormal", "mbox", "textup", "textit", "textbf", "hbox")
 _UNWRAP_CMDS = ("mathrm", "mathbf", "mathit", "mathsf", "boldsymbol", "bm", "operatorname", "mathbb", "mathnormal")
