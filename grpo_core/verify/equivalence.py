@@ -166,10 +166,17 @@ def scalar_equal(a, b, na=None, nb=None) -> bool:
     sa, sb = _side(na), _side(nb)
     if a == b:
         return True
-    candidates = [(a, b)]
-    if sa.percent != sb.percent:
-        candidates.append((a / 100, b) if sa.percent else (a, b / 100))
-    return any(_scalar_equal_once(x, y, sa, sb) for x, y in candidates)
+    candidates = [(a, b, sa, sb)]
+    if sa.percent != sb.percent:  # the percent side's decimals keep their digits: 14.285714% is 0.14285714
+        if sa.percent:
+            candidates.append((a / 100, b, _percent_side(sa), sb))
+        else:
+            candidates.append((a, b / 100, sa, _percent_side(sb)))
+    return any(_scalar_equal_once(x, y, sx, sy) for x, y, sx, sy in candidates)
+
+
+def _percent_side(side: Side) -> Side:
+    return Side(side.norm, {value / 100: places + 2 for value, places in side.places.items()})
 
 
 def _scalar_equal_once(a, b, sa: Side, sb: Side) -> bool:
