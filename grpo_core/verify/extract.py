@@ -114,20 +114,20 @@ _FILLER_RE = re.compile(
 _APPROX_GAP_RE = re.compile(
     r"[\s,;(]*(?:which is |or |i\.e\.,? |that is,? )?(?:approximately|about|roughly|around|\\approx|\u2248)\s*"
 )
-_NEXT_SPAN_RE = re.compile(r"[ \t]*(?:,|,?[ \t]*and|,?[ \t]*or)[ \t]*\$([^$\n]{1,%d})\$" % MAX_ANSWER_CHARS)
+_NEXT_SPAN_RE = re.compile(r"[ \t]{0,8}(?:,|,?[ \t]{0,8}and|,?[ \t]{0,8}or)[ \t]{0,8}\$([^$\n]{1,%d})\$" % MAX_ANSWER_CHARS)
 _LIST_GAP_RE = re.compile(r"\s*(?:,|,?\s*and|,?\s*or)\s*")
 _CLAUSE_RE = re.compile(r"(?:[,;:]\s*|\s)((?:so|therefore|thus|hence)\b)", re.IGNORECASE)
 _CHOICE_VALUE_RE = re.compile(r"\(?[A-J]\)")
 _TRAILING_CLAUSE_RE = re.compile(
-    r"\s*(?:[,;]\s*(?:because|since|as|so|which|where|when|if|for|but|while|given|then|this|that|it|we|i|they|"
-    r"here|note|check|thus|hence|therefore|and (?:the|we|so|then|it|this|that|there|thus|hence))"
-    r"|\s+(?:because|since|which|where|as|for))(?![A-Za-z])|\s+\((?=[A-Za-z]{3,}\b)",
+    r"[,;][ \t]{0,3}(?:because|since|as|so|which|where|when|if|for|but|while|given|then|this|that|it|we|i|they|"
+    r"here|note|check|thus|hence|therefore|and (?:the|we|so|then|it|this|that|there|thus|hence))(?![A-Za-z])"
+    r"|(?<=\s)(?:because|since|which|where|as|for)(?![A-Za-z])|(?<=\s)\((?=[A-Za-z]{3,}\b)",
     re.IGNORECASE,
 )
 _LATER_VALUE_RE = re.compile(
-    r"[^.\n$]{0,80}?[,;]?\s*(?:giving|yielding|which (?:gives|equals|is|evaluates to|is equal to)|to get|"
-    r"we get|that gives|this gives|equal to|equals|=)\s*(\$[^$\n]{1,200}\$|[-+\u2212]?\d[\d,]*(?:\.\d+)?(?:/\d+)?)"
-    r"[ \t]*(?:[.!]|$)",
+    r"[^.\n$]{0,80}?[,;]?[ \t]{0,3}(?:giving|yielding|which (?:gives|equals|is|evaluates to|is equal to)|to get|"
+    r"we get|that gives|this gives|equal to|equals|=)[ \t]{0,3}(\$[^$\n]{1,200}\$|[-+\u2212]?\d[\d,]{0,40}(?:\.\d{1,40})?"
+    r"(?:/\d{1,20})?)[ \t]{0,3}(?:[.!]|$)",
     re.IGNORECASE,
 )
 
@@ -136,9 +136,9 @@ def _cut_trailing_clause(value: str) -> str:
     """``12 apples, since each box holds 3`` -> ``12 apples``: a value followed by a clause about it. Only
     cuts when what precedes the clause is short and holds a digit (words after it are units, not prose)."""
     cut = _TRAILING_CLAUSE_RE.search(value)
-    if cut is None or cut.start() == 0:
+    head = value[: cut.start()].rstrip() if cut is not None else ""
+    if not head:
         return value
-    head = value[: cut.start()]
     if "$" in head and head.count("$") % 2:
         return value  # the clause word sits inside math
     if re.search(r"\d", head) and len(re.findall(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", " ", head))) <= 2:
@@ -460,7 +460,7 @@ def _phrase_answer(text: str) -> str | None:
                         break
                     parts.append(more.group(1).strip())
                     after = more.end()
-                later = _LATER_VALUE_RE.match(rest, after) if len(parts) == 1 else None
+                later = _LATER_VALUE_RE.match(rest[after : after + 400].split("\n", 1)[0]) if len(parts) == 1 else None
                 if later is not None:  # "the answer is $\\sum_k k$ evaluated, giving 12": the value closing it
                     return later.group(1).strip("$").strip() or None
                 return ", ".join(p for p in parts if p) or None
