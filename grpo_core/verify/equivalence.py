@@ -29,27 +29,27 @@ Rules (the documented contract of :func:`grpo_core.verify.verify`):
   when too few points evaluate;
 * equations: an equation whose one side is a name states the other side's value (``x = 3``, ``|CD| = 2``,
   ``\\frac{PQ}{QR} = \\frac35``, ``S_1:S_2 = 5:9``, ``(a,b) = (4,1)``, ``f(3) = 10``, ``a+b = 11``: a name is a
-  symbol, a product/ratio of symbols, ``|name|``, a tuple of names or ``f(...)``, and on the response side
-  also a sum of names; a gold ``x + y = 1`` is a line, not the value 1); a chain
-  ``x = 4+4+2 = 10`` states its last side; a chain of constants ``4+4+2 = 10`` states its last side; an
-  ``\\approx`` ends the chain (``x = 1/3 \\approx 0.33`` states 1/3). ``a+3z = 0`` states nothing (not a name).
-  Two equations are equal if their sides match or ``lhs-rhs`` are proportional;
+  symbol, a product/ratio of symbols, ``|name|``, a tuple of names or ``f(...)``, and on the response side also a
+  sum of names; a gold ``x + y = 1`` is a line, not the value 1); a chain ``x = 4+4+2 = 10`` states its last side;
+  a chain of constants ``4+4+2 = 10`` states its last side; an ``\\approx`` ends the chain (``x = 1/3 \\approx
+  0.33`` and ``1/3 \\approx 0.33`` state 1/3). ``a+3z = 0`` states nothing (not a name). Two equations are equal
+  if their sides match or ``lhs-rhs`` are proportional;
 * inequalities over one variable equal the interval / union they describe (``x>2`` == ``(2,\\infty)``,
   ``-x > -4`` == ``x < 4``: a linear inequality is solved first; ``-3 \\le y \\le 5`` == ``y \\in [-3, 5]``
   == ``[-3, 5]``: the variable may be named on one side only; ``|x - 1| > 2`` == ``(-\\infty, -1) \\cup
   (3, \\infty)`` and ``|2x+1| \\le 5`` == ``[-3, 2]``: an absolute value of a linear expression against a
   positive constant is solved); an infinite interval end is always open;
-* unordered-set rule: a gold written as a set ``\\{..\\}``, with "and"/"or", as ``x = 1, x = 2`` (one
-  unknown), as a ``;``-separated list of solutions, or as a list of tuples is a solution set and compares
-  unordered; a gold comma list of numbers compares unordered only when it is sorted (ascending or
-  descending), i.e. when its order carries no information; an unsorted gold list (``1, 5, -3``) is ordered
-  and no answer permutes it, a set ``\\{5, 1, -3\\}`` included. ``(x, y) = (4, 1)`` states values by name.
-  ``a=3, b=1`` (distinct unknowns) states values by name: against another such list with the same names it
-  compares name by name in any written order (``b_{10} = 31, b_2 = 7`` is ``b_2 = 7, b_{10} = 31``; swapped
-  values are not), against a gold comma list or set it is that list of values (``x_1 = 2, x_2 = -4`` for the
-  roots ``-4, 2``), else the tuple (3, 1). Labelled parts ``(a) 12, (b) 5`` (see api.py) match by label, or in
-  label order against an unlabelled list; against one gold value the last part is the answer. Brackets ``(..)`` / ``[..]`` compare ordered with the
-  same bracket shapes (a 1-row or 1-column matrix equals a tuple of its entries);
+* unordered-set rule: a gold written as a set ``\\{..\\}``, with "and"/"or", as ``x = 1, x = 2`` (one unknown),
+  as a ``;``-separated list of solutions, or as a list of tuples is a solution set and compares unordered; a gold
+  comma list of numbers compares unordered only when it is sorted (ascending or descending), i.e. when its order
+  carries no information; an unsorted gold list (``1, 5, -3``) is ordered and no answer permutes it, a set ``\\{5,
+  1, -3\\}`` included. ``(x, y) = (4, 1)`` states values by name. ``a=3, b=1`` (distinct unknowns) states values
+  by name: against another such list with the same names it compares name by name in any written order (``b_{10} =
+  31, b_2 = 7`` is ``b_2 = 7, b_{10} = 31``; swapped values are not), against a gold comma list or set it is that
+  list of values (``x_1 = 2, x_2 = -4`` for the roots ``-4, 2``), else the tuple (3, 1). Labelled parts ``(a) 12,
+  (b) 5`` (see api.py) match by label, or in label order against an unlabelled list; against one gold value the
+  last part is the answer. Brackets ``(..)`` / ``[..]`` compare ordered with the same bracket shapes (a 1-row or
+  1-column matrix equals a tuple of its entries);
 * matrices: any of pmatrix/bmatrix/matrix/array (``\\left[ .. \\right]``), scalar times matrix, sums and
   products of matrices are evaluated, then compared entry by entry under the number rules;
 * letters: ``e`` is Euler's number and ``i`` the imaginary unit (``x_i`` stays a symbol); a prose answer
@@ -317,6 +317,8 @@ def _eq_value(rel: Relation, gold: bool = False):
         if k == 0:
             if len(terms) >= 2 and _is_name(terms[0]):
                 terms, ops = [terms[0], terms[1]], ["="]
+            elif _is_constant(terms[0]):  # \frac17 \approx 0.142857: the exact value is stated
+                return terms[0]
             else:
                 return None
         else:

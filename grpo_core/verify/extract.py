@@ -5,15 +5,14 @@ Extraction order (first that applies wins; each rule can be switched off in :cla
 0. text after the first chat-template token (``<|im_end|>``, ``<|im_start|>``, ``<|endoftext|>``,
    ``<|eot_id|>``, ``</s>``, ..., or a blank line followed by ``Human:`` / ``User:``) is ignored: it is a
    hallucinated next turn, not the answer;
-1. the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (real brace matching; also the ``\\boxed 5`` form). Boxes
-   that directly precede it, separated only by commas, "and"/"or", ``$``, ``\\(``/``\\)`` or spacing
-   (``\\boxed{3}, \\boxed{4}``), are joined into one list answer; when every joined box is preceded by a
-   name (``$x_1 = \\boxed{2}$ and $x_2 = \\boxed{-4}$``) the names are kept (``x_1 = 2, x_2 = -4``). A response in labelled parts ("(a)",
-   "(b)", ... or "(i)", "(ii)", ...; "Part (a)", a line starting "a)") whose every part holds a box, the last
-   box in the last part, answers ``(a) <last box of (a)>, (b) <last box of (b)>``. A last box left
-   unclosed at the very end (``\\boxed{9``) answers its content when that is short, has no braces and
-   holds a digit; any other unterminated or too long last box means no answer: a truncated final answer is not
-   replaced by an earlier one;
+1. the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (real brace matching; also the ``\\boxed 5`` form). Boxes that
+   directly precede it, separated only by commas, "and"/"or", ``$``, ``\\(``/``\\)`` or spacing (``\\boxed{3},
+   \\boxed{4}``), are joined into one list answer; when every joined box is preceded by a name (``$x_1 =
+   \\boxed{2}$ and $x_2 = \\boxed{-4}$``) the names are kept (``x_1 = 2, x_2 = -4``). A response in labelled parts
+   ("(a)", "(b)", ... or "(i)", "(ii)", ...; "Part (a)", a line starting "a)") whose every part holds a box, the
+   last box in the last part, answers ``(a) <last box of (a)>, (b) <last box of (b)>``. A last box left unclosed at
+   the very end (``\\boxed{9``) answers its content when that is short, has no braces and holds a digit; any other
+   unterminated or too long last box means no answer: a truncated final answer is not replaced by an earlier one;
 2. the last "final answer is X" / "the answer is X" / "Answer: X" / "#### X" / "X is the answer"
    phrase (X runs to the end of the line or sentence; a clause after the value is dropped: "12 apples,
    since ..." is 12, "7 (because ...)" is 7; a math span followed in its sentence by "giving" / "which

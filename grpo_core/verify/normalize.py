@@ -261,14 +261,14 @@ def decimal_comma_reading(text: str) -> str | None:
     return None
 
 
-_PART_LABEL_RE = re.compile(r"(?:^|(?<=[\s,;]))\(([a-h]|i{1,3}|iv|vi{0,3})\)\s*")
+_PART_LABEL_RE = re.compile(r"(?:^|(?<=[\s,;]))\(?([a-h]|i{1,3}|iv|vi{0,3})\)\s*")
 _PART_ORDER = ("abcdefgh", ("i", "ii", "iii", "iv", "v", "vi", "vii", "viii"))
 
 
 def labelled_parts(text: str) -> tuple[tuple[str, str], ...] | None:
-    """``(a) 12, (b) 5`` -> (("a", "12"), ("b", "5")): an answer given as labelled parts (each label once, the
-    labels together consecutive from (a) or (i), one at the start); None when ``text`` is not such a list of
-    at least two parts."""
+    """``(a) 12, (b) 5`` / ``a) 12, b) 5`` -> (("a", "12"), ("b", "5")): an answer given as labelled parts
+    (each label once, the labels together consecutive from (a) or (i), one at the start); None when ``text``
+    is not such a list of at least two parts."""
     labels = list(_PART_LABEL_RE.finditer(text))
     if len(labels) < 2 or labels[0].start() != 0:
         return None
