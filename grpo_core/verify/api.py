@@ -184,7 +184,15 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
     except TooBig:
         return False, "too_big"
     except (ParseError, RecursionError):
-        return False, "unparsable"
+        last_side = _last_side(na.text)
+        if last_side is None:
+            return False, "unparsable"
+        # "\\int_0^1 x^2\\,dx = \\frac13": a chain whose earlier sides are outside the grammar states its last side
+        na = NormalizedAnswer(last_side, na.percent, None, na.joined_by_words, na.rejected, na.degrees)
+        try:
+            parsed_answer, answer_side = _parse_side(na)
+        except (ParseError, TooBig, RecursionError):
+            return False, "unparsable"
     try:
         ok = structures_equal(parsed_answer, parsed_gold, answer_side, gold_side)
         if not ok and isinstance(parsed_gold, sympy.Basic) and not parsed_gold.is_Integer:
@@ -200,6 +208,21 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
         # sympy itself gave up on the comparison (e.g. complex AccumulationBounds): cannot judge.
         return False, "unjudgeable"
     return ok, ("correct" if ok else "wrong")
+
+
+def _last_side(text: str) -> str | None:
+    """The text after the last top-level ``=`` (not ``<=``, ``>=``, ``!=``) when a LaTeX command precedes it
+    (the part outside the grammar), or None."""
+    depth, cut = 0, -1
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "=" and depth == 0 and (i == 0 or text[i - 1] not in "<>!"):
+            cut = i
+    side = text[cut + 1 :].strip() if cut >= 0 else ""
+    return side if side and "\\" in text[:cut] else None  # only commands (\\int, \\sum, \\lim) stay unparsed
 
 
 def _angle_units_equal(answer, gold, answer_in_degrees: bool, answer_side, gold_side) -> bool:

@@ -123,12 +123,27 @@ _TRAILING_CLAUSE_RE = re.compile(
     r"|(?<=\s)(?:because|since|which|where|as|for)(?![A-Za-z])|(?<=\s)\((?=[A-Za-z]{3,}\b)",
     re.IGNORECASE,
 )
-_LATER_VALUE_RE = re.compile(
-    r"[^.\n$]{0,80}?[,;]?[ \t]{0,3}(?:giving|yielding|which (?:gives|equals|is|evaluates to|is equal to)|to get|"
-    r"we get|that gives|this gives|equal to|equals|=)[ \t]{0,3}(\$[^$\n]{1,200}\$|[-+\u2212]?\d[\d,]{0,40}(?:\.\d{1,40})?"
-    r"(?:/\d{1,20})?)[ \t]{0,3}(?:[.!]|$)",
+_LATER_VERB_RE = re.compile(
+    r"(?:giving|yielding|which (?:gives|equals|is|evaluates to|is equal to)|to get|we get|that gives|this gives|"
+    r"equal to|equals|=)[ \t]{0,3}",
     re.IGNORECASE,
 )
+_CLOSING_VALUE_RE = re.compile(
+    r"(\$[^$\n]{1,200}\$|[-+\u2212]?\d[\d,]{0,40}(?:\.\d{1,40})?(?:/\d{1,20})?)[ \t]{0,3}(?:[.!](?:\s|$)|$)"
+)
+
+
+def _later_value(sentence_rest: str) -> str | None:
+    """The value that closes the sentence after a verb such as "giving" / "which equals" / "=" (the last such
+    verb of the sentence), or None. ``sentence_rest`` is what follows the first math span of the phrase."""
+    sentence = re.split(r"\.\s|\n", sentence_rest, maxsplit=1)[0]
+    verb = _last_match(_LATER_VERB_RE, sentence)
+    if verb is None or len(sentence) - verb.end() > 210:
+        return None
+    value = _CLOSING_VALUE_RE.match(sentence, verb.end())
+    if value is None or sentence[value.end() :].strip(" .!"):
+        return None
+    return value.group(1).strip("$").strip() or None
 
 
 def _cut_trailing_clause(value: str) -> str:
@@ -459,9 +474,9 @@ def _phrase_answer(text: str) -> str | None:
                         break
                     parts.append(more.group(1).strip())
                     after = more.end()
-                later = _LATER_VALUE_RE.match(rest[after : after + 400].split("\n", 1)[0]) if len(parts) == 1 else None
+                later = _later_value(rest[after : after + 400]) if len(parts) == 1 else None
                 if later is not None:  # "the answer is $\\sum_k k$ evaluated, giving 12": the value closing it
-                    return later.group(1).strip("$").strip() or None
+                    return later
                 return ", ".join(p for p in parts if p) or None
             break
     line = rest.lstrip().split("\n", 1)[0]
