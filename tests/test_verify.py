@@ -281,6 +281,16 @@ def test_contract_smoke():
         ("So the answer is 3x+1. Done", "3x+1"),
         ("the final answer is $7$", "7"),
         (r"\boxed{unterminated", None),
+        (r"so the total is $\boxed{9", "9"),  # closing brace left out at the very end
+        (r"value \boxed{\frac{1}{2}", None),  # an unclosed box with groups may be truncated
+        ("(a) We get $\\boxed{4}$.\n(b) Then $\\boxed{7}$.", "(a) 4, (b) 7"),
+        ("(a) easy.\n(b) Then $\\boxed{7}$.", "7"),  # part (a) holds no box: not an answer in parts
+        (r"$y_1 = \boxed{2}$ and $y_2 = \boxed{5}$", "y_1 = 2, y_2 = 5"),
+        (r"$\boxed{2}$ and $y_2 = \boxed{5}$", "2, 5"),  # names only when every box has one
+        ("The answer is 12 apples, since each box holds 3.", "12 apples"),
+        ("The answer is 7 (because 7 is prime).", "7"),
+        (r"So the answer is $\sum_k k$ evaluated, giving 12.", "12"),
+        (r"The answer is $12$, which is 3 more than 9.", "12"),
         ("a long response without any final answer " * 5, None),
     ],
 )
