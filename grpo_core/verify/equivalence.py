@@ -45,11 +45,11 @@ Rules (the documented contract of :func:`grpo_core.verify.verify`):
   carries no information; an unsorted gold list (``1, 5, -3``) is ordered and no answer permutes it, a set ``\\{5,
   1, -3\\}`` included. ``(x, y) = (4, 1)`` states values by name. ``a=3, b=1`` (distinct unknowns) states values
   by name: against another such list with the same names it compares name by name in any written order (``b_{10} =
-  31, b_2 = 7`` is ``b_2 = 7, b_{10} = 31``; swapped values are not), against a gold comma list or set it is that
-  list of values (``x_1 = 2, x_2 = -4`` for the roots ``-4, 2``), else the tuple (3, 1). Labelled parts ``(a) 12,
-  (b) 5`` (see api.py) match by label, or in label order against an unlabelled list; against one gold value the
-  last part is the answer. Brackets ``(..)`` / ``[..]`` compare ordered with the same bracket shapes (a 1-row or
-  1-column matrix equals a tuple of its entries);
+  31, b_2 = 7`` is ``b_2 = 7, b_{10} = 31``; swapped values are not), with indexed names of one letter against a
+  gold comma list or set it is that list of values (``x_1 = 2, x_2 = -4`` for the roots ``-4, 2``), else the tuple
+  (3, 1). Labelled parts ``(a) 12, (b) 5`` (see api.py) match by label, or in label order against an unlabelled
+  list; against one gold value the last part is the answer. Brackets ``(..)`` / ``[..]`` compare ordered with the
+  same bracket shapes (a 1-row or 1-column matrix equals a tuple of its entries);
 * matrices: any of pmatrix/bmatrix/matrix/array (``\\left[ .. \\right]``), scalar times matrix, sums and
   products of matrices are evaluated, then compared entry by entry under the number rules;
 * letters: ``e`` is Euler's number and ``i`` the imaginary unit (``x_i`` stays a symbol); a prose answer
@@ -630,13 +630,22 @@ def _labelled_equal(a, b, sa, sb) -> bool | None:
 
 
 def _unlabel(x, other):
-    """Labelled values without their names: the ordered tuple they state, or, against a gold comma list or set
-    (``x_1 = 2, x_2 = -4`` for the roots ``-4, 2``), a list that the list rules compare."""
+    """Labelled values without their names: the ordered tuple they state, or, for indexed names of one letter
+    against a gold comma list or set (``x_1 = 2, x_2 = -4`` for the roots ``-4, 2``), a list of solutions that
+    the list rules compare."""
     if not isinstance(x, Labelled):
         return x
-    if isinstance(other, (AnswerList, SetOf)):
+    if isinstance(other, (AnswerList, SetOf)) and _indexed_names(x.names):
         return AnswerList(x.values)
     return Bracketed(x.values, "(", ")")
+
+
+def _indexed_names(names) -> bool:
+    """``x_1, x_2, ...``: subscripted symbols sharing one base letter."""
+    if not all(isinstance(n, sympy.Symbol) for n in names):
+        return False
+    bases = {n.name.partition("_")[0] if "_" in n.name else None for n in names}
+    return len(bases) == 1 and None not in bases
 
 
 def _names_match(a: Relation, b: Relation) -> bool:
