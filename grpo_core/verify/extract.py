@@ -8,17 +8,18 @@ Extraction order (first that applies wins; each rule can be switched off in :cla
 1. the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (real brace matching; also the ``\\boxed 5`` form). Boxes that
    directly precede it, separated only by commas, "and"/"or", ``$``, ``\\(``/``\\)`` or spacing (``\\boxed{3},
    \\boxed{4}``), are joined into one list answer; when every joined box is preceded by a name (``$x_1 =
-   \\boxed{2}$ and $x_2 = \\boxed{-4}$``) the names are kept (``x_1 = 2, x_2 = -4``). A response in labelled parts
-   ("(a)", "(b)", ... or "(i)", "(ii)", ...; "Part (a)", a line starting "a)") whose every part holds a box, the
-   last box in the last part, answers ``(a) <last box of (a)>, (b) <last box of (b)>``. A last box left unclosed at
-   the very end (``\\boxed{9``) answers its content when that is short, has no braces and holds a digit; any other
-   unterminated or too long last box means no answer: a truncated final answer is not replaced by an earlier one;
-2. the last "final answer is X" / "the answer is X" / "Answer: X" / "#### X" / "X is the answer"
-   phrase (X runs to the end of the line or sentence; a clause after the value is dropped: "12 apples,
-   since ..." is 12, "7 (because ...)" is 7; a math span followed in its sentence by "giving" / "which
-   equals" / "=" and a value closing the sentence is not the answer, that value is: "the answer is
-   $\\sum_k k$ evaluated, giving 12" is 12; if X is itself a sentence such as "The smallest $k$ is 27",
-   rule 3 is applied to it);
+   \\boxed{2}$ and $x_2 = \\boxed{-4}$``) the names are kept (``x_1 = 2, x_2 = -4``). A response in labelled
+   parts ("(a)", "(b)", ... or "(i)", "(ii)", ...; "Part (a)", a line starting "a)") whose every part holds a box
+   (or a rule-2 phrase), the last box in the last part, answers ``(a) <last box of (a)>, (b) <last box of (b)>``.
+   A last box left unclosed at the very end (``\\boxed{9``) answers its content when that is short, has no braces
+   and holds a digit; any other unterminated or too long last box means no answer: a truncated final answer is
+   not replaced by an earlier one;
+2. (parts: as in rule 1, each part's phrase) the last "final answer is X" / "the answer is X" / "Answer: X" /
+   "#### X" / "X is the answer" phrase (X runs to the end of the line or sentence; a clause after the value is
+   dropped: "12 apples, since ..." is 12, "7 (because ...)" is 7; a math span followed in its sentence by
+   "giving" / "which equals" / "=" and a value closing the sentence is not the answer, that value is: "the answer
+   is $\\sum_k k$ evaluated, giving 12" is 12; if X is itself a sentence such as "The smallest $k$ is 27", rule 3
+   is applied to it);
 3. the final sentence (closing courtesy sentences such as "I hope it is correct." skipped): the math
    span it ends with (``$..$``, ``$$..$$``, ``\\(..\\)``, ``\\[..\\]``, newlines allowed inside), else the
    value after its last "is" / "are" / "equals" / "=" when that value is short and numeric-looking,
@@ -228,10 +229,11 @@ _PART_HEAD_RE = re.compile(
 _PART_ORDERS = ("abcdefgh", ("i", "ii", "iii", "iv", "v", "vi", "vii", "viii"))
 
 
-def _part_boxes(text: str, last_box: int) -> str | None:
+def _part_answers(text: str, last_box: int | None) -> str | None:
     """``(a) ... \\boxed{12} ... (b) ... \\boxed{5}`` -> ``(a) 12, (b) 5``: a response in labelled parts
-    ((a), (b), ... or (i), (ii), ...; "Part (a)", a line starting "a)") whose every part ends in a box, the
-    last box of the response in the last part; each part's last box is its answer. None otherwise."""
+    ((a), (b), ... or (i), (ii), ...; "Part (a)", a line starting "a)") whose every part states an answer (its
+    last box, else its "the answer is" phrase); with ``last_box`` (the response's last box) in the last part.
+    None otherwise."""
     start = max(0, len(text) - PART_WINDOW)
     heads = [(m.group(1) or m.group(2), m) for m in _PART_HEAD_RE.finditer(text, start)]
     if len(heads) < 2:
@@ -253,17 +255,23 @@ def _part_boxes(text: str, last_box: int) -> str | None:
     return None
 
 
-def _answers_of_parts(text: str, heads: list, order, last_box: int) -> str | None:
-    if len(heads) < 2 or not heads[-1].end() <= last_box:
+def _answers_of_parts(text: str, heads: list, order, last_box: int | None) -> str | None:
+    if len(heads) < 2 or (last_box is not None and heads[-1].end() > last_box):
         return None
     answers = []
     for j, head in enumerate(heads):
         end = heads[j + 1].start() if j + 1 < len(heads) else len(text)
-        box = _last_match(_BOX_RE, text[head.end() : end])
-        if box is None:
-            return None
-        content, after = _box_at(text, _BOX_RE.match(text, head.end() + box.start()), MAX_ANSWER_CHARS)
-        if content is None or after > end:
+        segment = text[head.end() : end]
+        box = _last_match(_BOX_RE, segment)
+        if box is not None:
+            content, after = _box_at(text, _BOX_RE.match(text, head.end() + box.start()), MAX_ANSWER_CHARS)
+            if content is None or after > end:
+                return None
+        elif _PHRASE_RE.search(segment):
+            content = _phrase_answer(segment)
+            if content is None:
+                return None
+        else:
             return None
         answers.append(f"({order[j]}) {content.strip()}")
     return ", ".join(answers)
@@ -298,7 +306,7 @@ def _last_boxed(text: str, join: bool = False) -> tuple[bool, str | None]:
         content = _unclosed_box(text, last)
     if content is None or not join:
         return True, content
-    parts = _part_boxes(text, last.start())
+    parts = _part_answers(text, last.start())
     if parts is not None:
         return True, parts
     parts, start = [content], last.start()
@@ -523,7 +531,8 @@ def extract_span(response: str, config: ExtractConfig | None = None) -> str | No
                     return _cap(phrase)
             return _cap(span)
     if config.use_phrases:
-        span = _phrase_answer(text)
+        span = _part_answers(text, None) if config.join_adjacent_boxes else None
+        span = span if span is not None else _phrase_answer(text)
         if span is not None:
             return _cap(span)
     if config.use_final_sentence:
