@@ -554,6 +554,7 @@ _NO_GUARD = VerifyConfig(timeout_s=0)  # no SIGALRM: a super-linear scan would s
         ("answer_then_spaces", "The answer is 1" + " " * 100_000 + "x since", "1"),
         ("math_then_spaces_giving", "The answer is $1$" + " " * 100_000 + "giving 2.", "2"),
         ("part_labels_20k", "(a) " * 20_000 + B % "1", "1"),
+        ("part_phrases_3k", "(a) the answer is 1 (b) the answer is 2 " * 3_000, "1"),
         ("part_boxes_5k", "".join(f"(a) {B % i} (b) " for i in range(5_000)) + B % "1", "1"),
         ("unclosed_box_spaces", r"\boxed{1" + " " * 100_000, "1"),
         ("named_boxes_1k", " and ".join(f"$x_{{{i}}} = {B % i}$" for i in range(1_000)), "1"),
