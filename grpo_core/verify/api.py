@@ -152,7 +152,8 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
         return False, "wrong"
     if na.text.replace(" ", "") == ng.text.replace(" ", "") and na.percent == ng.percent:
         return True, "correct"
-    parts_a, parts_g = labelled_parts(na.text), labelled_parts(ng.text)
+    parts_a = labelled_parts(na.text) if ")" in na.text else None
+    parts_g = labelled_parts(ng.text) if ")" in ng.text else None
     if parts_a or parts_g:
         ok = _parts_equal(parts_a, parts_g, na.text, ng.text)
         return ok, ("correct" if ok else "wrong")

@@ -235,6 +235,8 @@ def _part_answers(text: str, last_box: int | None) -> str | None:
     last box, else its "the answer is" phrase); with ``last_box`` (the response's last box) in the last part.
     None otherwise."""
     start = max(0, len(text) - PART_WINDOW)
+    if text.find(")", start) < 0 and text.find("**", start) < 0 and text.find(":", start) < 0:
+        return None  # no part label can be there: skip the scan
     heads = [(m.group(1) or m.group(2), m) for m in _PART_HEAD_RE.finditer(text, start)]
     if len(heads) < 2:
         return None

@@ -172,12 +172,12 @@ def _unwrap_text_commands(s: str) -> str:
 def normalize_span(span: str) -> NormalizedAnswer:
     """Normalize an extracted answer span (see module docstring). Linear in len(span)."""
     s = span.strip()
-    degrees = _DEGREE_MARK_RE.search(s) is not None
     if len(s) > 1000:  # only a plain number literal can be this long (extract._cap): skip the LaTeX passes
         plain = _LONG_LITERAL_RE.fullmatch(s)
         if plain:
             s = s.replace(",", "").replace(" ", "")
             return NormalizedAnswer(text=s, percent=False, decimals=len(plain.group(1)) if plain.group(1) else None)
+    degrees = _DEGREE_MARK_RE.search(s) is not None
     for ch, rep in _UNICODE.items():
         if ch in s:
             s = s.replace(ch, rep)
