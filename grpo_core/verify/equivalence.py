@@ -572,7 +572,7 @@ def structures_equal(a, b, na=None, nb=None) -> bool:
         by_label = _labelled_equal(a, b, sa, sb)
         if by_label is not None:
             return by_label
-        a, b = _unlabel(a, b), _unlabel(b, None)
+        a, b = _unlabel(a, b), _unlabel(b, a)
     if isinstance(a, Relation) and not isinstance(b, Relation):
         value = _eq_value(a)
         if value is not None:
