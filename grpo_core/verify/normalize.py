@@ -23,7 +23,7 @@ Rules (documented contract; the same function is applied to the response's answe
   (``7\n1/4`` is not a number) and never with a percent sign (``7 1/4%`` is ambiguous: rejected);
 * a repeating decimal ``0.1\\overline{6}`` is its exact fraction (1/6);
 * ordinal suffixes (``5th``, ``5^{\\text{th}}``) are dropped; a single number word (``five``) is its number;
-* ``nan`` is never a value (rejected);
+* ``nan`` is never a value (rejected); a set-builder ``\\{y \\mid -3 \\le y \\le 5\\}`` is its condition;
 * a bracket pair whose only content is a pair of the same kind is dropped (``((((2))))`` is ``(2)``), so
   benign nesting deeper than MAX_DEPTH still parses; other deep nesting stays refused.
 """
@@ -78,6 +78,10 @@ _UNWRAP_CMDS = ("mathrm", "mathbf", "mathit", "mathsf", "boldsymbol", "bm", "ope
 _WRAP_RE = re.compile(r"\\(" + "|".join(_TEXT_CMDS + _UNWRAP_CMDS) + r")\s*\{")
 _DEGREE_RE = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree(?![A-Za-z])|\^\s*\{\s*o\s*\}")
 _DEGREE_MARK_RE = re.compile(r"\\circ|\\degree(?![A-Za-z])|\u00b0|\^\s*\{\s*o\s*\}|\bdeg(?:ree)?s?\b", re.IGNORECASE)
+_SET_BUILDER_RE = re.compile(
+    r"\\\{\s*[A-Za-z]\s*(?:\\in\s*(?:\\mathbb\s*\{?\s*R\s*\}?|\\R(?![A-Za-z])))?\s*(?:\\mid|\\vert|\||:|\\colon)"
+    r"\s*(.+?)\s*\\\}"
+)
 _PERCENT_RE = re.compile(r"\\?%")
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _MIXED_RE = re.compile(r"([-+]?)(\d+) +(\d+) */ *(\d+)")
@@ -178,6 +182,9 @@ def normalize_span(span: str) -> NormalizedAnswer:
             s = s.replace(",", "").replace(" ", "")
             return NormalizedAnswer(text=s, percent=False, decimals=len(plain.group(1)) if plain.group(1) else None)
     degrees = _DEGREE_MARK_RE.search(s) is not None
+    builder = _SET_BUILDER_RE.fullmatch(s)
+    if builder:  # \{y \mid -3 \le y \le 5\}: the condition is the answer (the set it describes)
+        s = builder.group(1)
     for ch, rep in _UNICODE.items():
         if ch in s:
             s = s.replace(ch, rep)
