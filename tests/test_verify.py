@@ -573,3 +573,27 @@ def test_long_literals_compare_exactly():
     assert verify(B % ("1" + "0" * 100_000), "10^{100000}")
     assert not verify(B % ("1" + "0" * 99_999), "10^{100000}")
     assert verify(B % "2^{2^{2^{2^2}}}", "2^{65536}") and not verify(B % "2^{2^{2^{2^2}}}", "2^{65535}")
+
+
+def test_redundant_brackets_collapse_and_others_stay():
+    from grpo_core.verify.normalize import collapse_redundant_brackets
+
+    assert collapse_redundant_brackets("(" * 300 + "4" + ")" * 300) == "(4)"
+    assert collapse_redundant_brackets(r"\frac{{{1}}}{2}") == r"\frac{1}{2}"
+    for kept in ("[[1,2],[3,4]]", "((1)+(2))", "[(1,2)]", "(((1)", r"\{\{1\}\}"):
+        assert collapse_redundant_brackets(kept) == kept
+    # deep and not redundant: still refused by the depth bound, quickly
+    t0 = time.perf_counter()
+    assert judge(B % ("-(" * 150 + "3" + ")" * 150), "3").correct is False
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_labelled_parts_need_consecutive_labels_from_the_start():
+    from grpo_core.verify.normalize import labelled_parts
+
+    assert labelled_parts("(a) 12, (b) 5") == (("a", "12"), ("b", "5"))
+    assert labelled_parts("(b) 5; (a) 12") == (("b", "5"), ("a", "12"))
+    assert labelled_parts("(i) 4 (ii) 7") == (("i", "4"), ("ii", "7"))
+    for not_parts in ("(a) 12", "(b) 1, (c) 2", "(a) 1, (a) 2", "(a, b)", "x (a) 1 (b) 2", "(a) , (b) 2"):
+        assert labelled_parts(not_parts) is None, not_parts
+
