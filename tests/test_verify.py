@@ -582,9 +582,18 @@ def test_redundant_brackets_collapse_and_others_stay():
     assert collapse_redundant_brackets(r"\frac{{{1}}}{2}") == r"\frac{1}{2}"
     for kept in ("[[1,2],[3,4]]", "((1)+(2))", "[(1,2)]", "(((1)", r"\{\{1\}\}"):
         assert collapse_redundant_brackets(kept) == kept
-    # deep and not redundant: still refused by the depth bound, quickly
+
+
+
+def test_deep_nesting_keeps_exact_rational_values_and_refuses_the_rest_quickly():
     t0 = time.perf_counter()
-    assert judge(B % ("-(" * 150 + "3" + ")" * 150), "3").correct is False
+    assert judge(B % ("-(" * 150 + "3" + ")" * 150), "3").correct  # 150 signs: +3
+    assert not judge(B % ("-(" * 151 + "3" + ")" * 151), "3").correct
+    assert judge(B % ("\\frac{1}{" * 70 + "2" + "}" * 70), "2").correct
+    # beyond MAX_INEXACT_DEPTH an irrational value is refused where it is built (2^(2^-80) is within 1e-24 of 1)
+    assert judge(B % ("\\sqrt{" * 80 + "2" + "}" * 80), "1").reason == "too_big"
+    assert judge(B % ("\\sin(" * 100 + "1" + ")" * 100), "1").reason == "too_big"
+    assert judge(B % ("(" * 300 + "x+1" + ")" * 300), "x+1").correct  # redundant pairs collapse first
     assert time.perf_counter() - t0 < 2.0
 
 

@@ -25,7 +25,7 @@ Rules (documented contract; the same function is applied to the response's answe
 * ordinal suffixes (``5th``, ``5^{\\text{th}}``) are dropped; a single number word (``five``) is its number;
 * ``nan`` is never a value (rejected); a set-builder ``\\{y \\mid -3 \\le y \\le 5\\}`` is its condition;
 * a bracket pair whose only content is a pair of the same kind is dropped (``((((2))))`` is ``(2)``), so
-  benign nesting deeper than MAX_DEPTH still parses; other deep nesting stays refused.
+  benign nesting of redundant pairs parses within the parser's depth bounds.
 """
 
 from __future__ import annotations
