@@ -117,6 +117,7 @@ _APPROX_GAP_RE = re.compile(
 _NEXT_SPAN_RE = re.compile(r"[ \t]{0,8}(?:,|,?[ \t]{0,8}and|,?[ \t]{0,8}or)[ \t]{0,8}\$([^$\n]{1,%d})\$" % MAX_ANSWER_CHARS)
 _LIST_GAP_RE = re.compile(r"\s*(?:,|,?\s*and|,?\s*or)\s*")
 _CLAUSE_RE = re.compile(r"(?:[,;:]\s*|\s)((?:so|therefore|thus|hence)\b)", re.IGNORECASE)
+_ABBREVIATION_RE = re.compile(r"\b(?:i\.e|e\.g|approx|vs|cf|resp|etc)\.", re.IGNORECASE)
 _CHOICE_VALUE_RE = re.compile(r"\(?[A-J]\)")
 _TRAILING_CLAUSE_RE = re.compile(
     r"[,;][ \t]{0,3}(?:because|since|as|so|which|where|when|if|for|but|while|given|then|this|that|it|we|i|they|"
@@ -393,7 +394,9 @@ def _sentence_answer(text: str, require_prose: bool = True) -> str | None:
     if end == 0:
         return None
     head = masked[:end]
-    bound = max(head.rfind(". "), head.rfind(".\n"), head.rfind("\n"), head.rfind("! "), head.rfind("? "))
+    dots = _ABBREVIATION_RE.sub(lambda m: m.group(0).replace(".", "_"), head[-600:])  # "i.e." ends no sentence
+    dots = head[: len(head) - len(dots)] + dots
+    bound = max(dots.rfind(". "), dots.rfind(".\n"), dots.rfind("\n"), dots.rfind("! "), dots.rfind("? "))
     begin = bound + 1
     sentence_spans = [(a, b, c) for a, b, c in spans if a >= begin and b <= end]
 
