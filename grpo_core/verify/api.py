@@ -223,20 +223,18 @@ def _last_side(text: str) -> str | None:
         elif ch == "=" and depth == 0 and (i == 0 or text[i - 1] not in "<>!"):
             cut = i
     side = text[cut + 1 :].strip() if cut >= 0 else ""
-    return side if side and "\\" in text[:cut] else None  # only commands (\\int, \\sum, \\lim) stay unparsed
+    return side if side and "\\" in text[:cut] else None
 
 
 def _angle_units_equal(answer, gold, answer_in_degrees: bool, answer_side, gold_side) -> bool:
     """One side in degrees (a degree mark or unit), the other in radians (a constant multiple of pi): the
     degree value times pi/180 is the radian value (``45^\\circ`` is ``\\frac{\\pi}{4}`` either way round). A bare
     number is not in degrees (``45`` is not ``\\frac{\\pi}{4}``)."""
-    radians = gold if answer_in_degrees else answer
-    if not _in_radians(radians):
+    if not _in_radians(gold if answer_in_degrees else answer):
         return False
-    if answer_in_degrees:
-        converted = _map_scalars(answer, lambda v: v * sympy.pi / 180)
-        return converted is not None and structures_equal(converted, gold, Side(answer_side.norm, {}), gold_side)
-    converted = _map_scalars(answer, lambda v: v * 180 / sympy.pi)
+    factor = sympy.pi / 180 if answer_in_degrees else 180 / sympy.pi
+    converted = _map_scalars(answer, lambda v: v * factor)
+    # the converted answer is no longer the decimal literal it was written as: compared without its places
     return converted is not None and structures_equal(converted, gold, Side(answer_side.norm, {}), gold_side)
 
 
