@@ -90,8 +90,9 @@ _REL_EXACT = mpmath.mpf(10) ** -40
 _REL_SYMBOLIC = 1e-8
 MIN_EXACT_SIG_DIGITS = 6
 """A decimal written to at least this many significant digits may equal an exact value (see the rounding rule)."""
-MAX_EXACT_SIG_DIGITS = 2000
-"""Longer decimals are not evaluated against irrational values (the evaluation cost grows with the digits)."""
+MAX_EXACT_SIG_DIGITS = 1000
+"""Longer decimals are not compared with irrational values (evaluation cost grows with the digits); against an
+exact rational any length compares exactly."""
 
 
 @dataclass(frozen=True)
@@ -234,14 +235,14 @@ def _long_decimal_match(decimal, places: int, exact) -> bool:
     constant exact value when it is that value rounded to ``places`` places (a tie rounds either way):
     ``0.142857`` is 1/7, ``2.7182818`` is e; ``0.14`` (2 digits) and ``0.142858`` are not."""
     scaled = int(decimal * 10**places)  # the written digits as an integer
-    if len(str(abs(scaled))) < MIN_EXACT_SIG_DIGITS or len(str(abs(scaled))) > MAX_EXACT_SIG_DIGITS:
+    significant = len(str(abs(scaled)))
+    if significant < MIN_EXACT_SIG_DIGITS:
         return False
     if exact.is_Rational:
         return abs(exact * 10**places - scaled) <= sympy.Rational(1, 2)
-    if exact.free_symbols or not exact.is_number:
+    if exact.free_symbols or not exact.is_number or significant > MAX_EXACT_SIG_DIGITS:
         return False
-    magnitude = len(str(abs(scaled))) - places  # digits before the point (may be <= 0)
-    digits = max(_EXACT_DIGITS, len(str(abs(scaled))) + abs(magnitude) + 20)
+    digits = max(_EXACT_DIGITS, significant + abs(significant - places) + 20)  # |digits before the point| too
     value = _numeric(exact, digits)
     if value is None:
         return False
