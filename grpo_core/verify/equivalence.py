@@ -235,13 +235,13 @@ def _long_decimal_match(decimal, places: int, exact) -> bool:
     constant exact value when it is that value rounded to ``places`` places (a tie rounds either way):
     ``0.142857`` is 1/7, ``2.7182818`` is e; ``0.14`` (2 digits) and ``0.142858`` are not."""
     scaled = int(decimal * 10**places)  # the written digits as an integer
-    significant = len(str(abs(scaled)))
-    if significant < MIN_EXACT_SIG_DIGITS:
+    if abs(scaled) < 10 ** (MIN_EXACT_SIG_DIGITS - 1):
         return False
     if exact.is_Rational:
         return abs(exact * 10**places - scaled) <= sympy.Rational(1, 2)
-    if exact.free_symbols or not exact.is_number or significant > MAX_EXACT_SIG_DIGITS:
+    if exact.free_symbols or not exact.is_number or abs(scaled) >= 10**MAX_EXACT_SIG_DIGITS:
         return False
+    significant = len(str(abs(scaled)))
     digits = max(_EXACT_DIGITS, significant + abs(significant - places) + 20)  # |digits before the point| too
     value = _numeric(exact, digits)
     if value is None:
