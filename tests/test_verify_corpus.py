@@ -1,6 +1,8 @@
 """The verifier against tests/verifier_corpus/cases.jsonl: hand-written cases, by class, of the forms real
 model outputs take (answers in prose or bare math delimiters, several boxes, relations, labelled golds,
-matrices, number formats, long literals and deep nesting, the rounding rule), each class both ways:
+matrices, number formats, long literals and deep nesting, the rounding rule; long decimals against exact values,
+labelled parts, ordered tuples, answers followed by text, angle units, markup edge cases, intervals and absolute
+values), each class both ways:
 must-match and must-not-match. The must-not-match cases are the reward-hacking guard: none may pass."""
 
 import collections
