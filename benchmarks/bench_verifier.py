@@ -1,7 +1,8 @@
 """Benchmark: our verifier vs Math-Verify, per class, side by side in one run.
 
 Cases: tests/verifier_corpus/cases.jsonl (hand-written, by class: final_sentence, delimiters, multi_answer,
-inequality, equation, matrix, number_format, precision, expression, long_nesting, basic; each both ways) and
+inequality, equation, matrix, number_format, precision, expression, long_nesting, basic, long_decimal,
+labelled_parts, ordered_tuple, trailing_text, angle_units, markup_edge, interval_abs; each both ways) and
 benchmarks/verifier_cases.jsonl (the older set: per-category basics, natural outputs, hostile inputs; its
 classes are reported as ``bench/<category>``). Every case has a hand label ``expected``.
 

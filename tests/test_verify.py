@@ -32,7 +32,24 @@ CASES = [
     ("decimal", B % "3.0", "3", True),
     ("decimal", B % "3.1", "3", False),
     ("decimal", B % "2.5", "2.4", False),
-    ("decimal", B % "0.3333333", "1/3", False),  # a rounded decimal is not the exact value
+    ("decimal", B % "0.33333", "1/3", False),  # a short rounding (< 6 significant digits) is not the exact value
+    ("decimal", B % "0.3333333", "1/3", True),  # 7 digits, each agreeing with 1/3: the same number
+    ("decimal", B % "0.3333334", "1/3", False),  # last digit not the rounding of 1/3
+    ("decimal", B % "0.142857", r"\frac{1}{7}", True),
+    ("decimal", B % "0.142858", r"\frac{1}{7}", False),
+    ("decimal", B % r"\frac{1}{6}", "0.1666666667", True),
+    ("decimal", B % r"\frac{1}{6}", "0.1666666666", False),  # truncated, not rounded
+    ("decimal", B % "e", "2.7182818", True),
+    ("decimal", B % "e", "2.71828183", True),
+    ("decimal", B % "e", "2.7182817", False),
+    ("decimal", B % "e", "2.72", False),
+    ("decimal", B % r"\frac17", "0.14", False),
+    ("decimal", B % r"(0.707107, 1.414214)", r"\left(\frac{\sqrt2}{2}, \sqrt2\right)", True),
+    ("decimal", B % r"(0.707107, 1.414213)", r"\left(\frac{\sqrt2}{2}, \sqrt2\right)", False),
+    ("decimal", B % "-0.142857", r"-\frac{1}{7}", True),
+    ("decimal", B % "0.142857", r"-\frac{1}{7}", False),
+    ("decimal", B % "1414213.6", r"1000000\sqrt{2}", True),
+    ("decimal", B % "1414214", r"1000000\sqrt{2}", False),  # an integer is exact, never a rounding
     # fractions
     ("frac", B % r"\frac{1}{2}", "0.5", True),
     ("frac", B % r"\dfrac{3}{4}", "0.75", True),
@@ -59,7 +76,9 @@ CASES = [
     ("radical", B % r"\sqrt2", r"\sqrt{2}", True),
     ("radical", B % r"3\sqrt{3}", r"\sqrt{27}", True),
     ("radical", B % r"\sqrt{3}", r"\sqrt{2}", False),
-    ("radical", B % r"1.41421356", r"\sqrt{2}", False),
+    ("radical", B % r"1.4142", r"\sqrt{2}", False),  # 5 significant digits: a short rounding
+    ("radical", B % r"1.41421356", r"\sqrt{2}", True),  # 9 digits, each agreeing with sqrt(2)
+    ("radical", B % r"1.41421357", r"\sqrt{2}", False),
     # pi / e / infinity
     ("const", B % r"2\pi", r"2 \pi", True),
     ("const", B % r"\pi", "3.14", False),  # the exact constant for a rounded gold
@@ -262,6 +281,16 @@ def test_contract_smoke():
         ("So the answer is 3x+1. Done", "3x+1"),
         ("the final answer is $7$", "7"),
         (r"\boxed{unterminated", None),
+        (r"so the total is $\boxed{9", "9"),  # closing brace left out at the very end
+        (r"value \boxed{\frac{1}{2}", None),  # an unclosed box with groups may be truncated
+        ("(a) We get $\\boxed{4}$.\n(b) Then $\\boxed{7}$.", "(a) 4, (b) 7"),
+        ("(a) easy.\n(b) Then $\\boxed{7}$.", "7"),  # part (a) holds no box: not an answer in parts
+        (r"$y_1 = \boxed{2}$ and $y_2 = \boxed{5}$", "y_1 = 2, y_2 = 5"),
+        (r"$\boxed{2}$ and $y_2 = \boxed{5}$", "2, 5"),  # names only when every box has one
+        ("The answer is 12 apples, since each box holds 3.", "12 apples"),
+        ("The answer is 7 (because 7 is prime).", "7"),
+        (r"So the answer is $\sum_k k$ evaluated, giving 12.", "12"),
+        (r"The answer is $12$, which is 3 more than 9.", "12"),
         ("a long response without any final answer " * 5, None),
     ],
 )
@@ -370,7 +399,8 @@ def test_hostile_inputs_bounded_and_side_effect_free(name):
         elapsed = time.perf_counter() - t0
         assert elapsed < 2.0, (name, elapsed, result)
         assert isinstance(result.correct, bool) and not result.reason.startswith("error"), result
-    assert judge(text, "1").correct is (name == "response_1mb" or name == "boxes_100k")
+    # parens_400 is benign: 400 redundant pairs around 1 collapse to (1), within the depth bound
+    assert judge(text, "1").correct is (name in ("response_1mb", "boxes_100k", "parens_400"))
     assert not os.path.exists(PWNED)
 
 
@@ -521,6 +551,13 @@ _NO_GUARD = VerifyConfig(timeout_s=0)  # no SIGALRM: a super-linear scan would s
         ("courtesy_4k", "Let me know " * 400, "5"),
         ("verbs_4k", "x = " * 2000, "5"),
         ("repeat_overline", B % ("7" * 50_000 + "." + "3" * 50_000), "1"),
+        ("answer_then_spaces", "The answer is 1" + " " * 100_000 + "x since", "1"),
+        ("math_then_spaces_giving", "The answer is $1$" + " " * 100_000 + "giving 2.", "2"),
+        ("part_labels_20k", "(a) " * 20_000 + B % "1", "1"),
+        ("part_phrases_3k", "(a) the answer is 1 (b) the answer is 2 " * 3_000, "1"),
+        ("part_boxes_5k", "".join(f"(a) {B % i} (b) " for i in range(5_000)) + B % "1", "1"),
+        ("unclosed_box_spaces", r"\boxed{1" + " " * 100_000, "1"),
+        ("named_boxes_1k", " and ".join(f"$x_{{{i}}} = {B % i}$" for i in range(1_000)), "1"),
     ],
 )
 def test_long_inputs_scan_in_linear_time_without_the_guard(name, response, gold):
@@ -536,3 +573,40 @@ def test_long_literals_compare_exactly():
     assert verify(B % ("1" + "0" * 100_000), "10^{100000}")
     assert not verify(B % ("1" + "0" * 99_999), "10^{100000}")
     assert verify(B % "2^{2^{2^{2^2}}}", "2^{65536}") and not verify(B % "2^{2^{2^{2^2}}}", "2^{65535}")
+    # a 100,000-digit decimal against an exact value: the long-decimal rule without int->str conversions
+    assert verify(B % ("0." + "3" * 100_000), r"\frac13")
+    assert not verify(B % ("0." + "3" * 99_999 + "4"), r"\frac13")
+    assert not verify(B % ("3." + "1" * 5_000), r"\pi")
+
+
+def test_redundant_brackets_collapse_and_others_stay():
+    from grpo_core.verify.normalize import collapse_redundant_brackets
+
+    assert collapse_redundant_brackets("(" * 300 + "4" + ")" * 300) == "(4)"
+    assert collapse_redundant_brackets(r"\frac{{{1}}}{2}") == r"\frac{1}{2}"
+    for kept in ("[[1,2],[3,4]]", "((1)+(2))", "[(1,2)]", "(((1)", r"\{\{1\}\}"):
+        assert collapse_redundant_brackets(kept) == kept
+
+
+
+def test_deep_nesting_keeps_exact_rational_values_and_refuses_the_rest_quickly():
+    t0 = time.perf_counter()
+    assert judge(B % ("-(" * 150 + "3" + ")" * 150), "3").correct  # 150 signs: +3
+    assert not judge(B % ("-(" * 151 + "3" + ")" * 151), "3").correct
+    assert judge(B % ("\\frac{1}{" * 70 + "2" + "}" * 70), "2").correct
+    # beyond MAX_INEXACT_DEPTH an irrational value is refused where it is built (2^(2^-80) is within 1e-24 of 1)
+    assert judge(B % ("\\sqrt{" * 80 + "2" + "}" * 80), "1").reason == "too_big"
+    assert judge(B % ("\\sin(" * 100 + "1" + ")" * 100), "1").reason == "too_big"
+    assert judge(B % ("(" * 300 + "x+1" + ")" * 300), "x+1").correct  # redundant pairs collapse first
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_labelled_parts_need_consecutive_labels_from_the_start():
+    from grpo_core.verify.normalize import labelled_parts
+
+    assert labelled_parts("(a) 12, (b) 5") == (("a", "12"), ("b", "5"))
+    assert labelled_parts("(b) 5; (a) 12") == (("b", "5"), ("a", "12"))
+    assert labelled_parts("(i) 4 (ii) 7") == (("i", "4"), ("ii", "7"))
+    for not_parts in ("(a) 12", "(b) 1, (c) 2", "(a) 1, (a) 2", "(a, b)", "x (a) 1 (b) 2", "(a) , (b) 2"):
+        assert labelled_parts(not_parts) is None, not_parts
+

@@ -1,6 +1,8 @@
 """The verifier against tests/verifier_corpus/cases.jsonl: hand-written cases, by class, of the forms real
 model outputs take (answers in prose or bare math delimiters, several boxes, relations, labelled golds,
-matrices, number formats, long literals and deep nesting, the rounding rule), each class both ways:
+matrices, number formats, long literals and deep nesting, the rounding rule; long decimals against exact values,
+labelled parts, ordered tuples, answers followed by text, angle units, markup edge cases, intervals and absolute
+values), each class both ways:
 must-match and must-not-match. The must-not-match cases are the reward-hacking guard: none may pass."""
 
 import collections
@@ -35,7 +37,9 @@ def test_corpus_size_and_classes_both_ways():
     classes = {c for c, _ in by_class}
     expected = {
         "final_sentence", "delimiters", "multi_answer", "inequality", "equation", "matrix",
-        "number_format", "precision", "expression", "long_nesting",
+        "number_format", "precision", "expression", "long_nesting", "long_decimal", "labelled_parts",
+        "trailing_text", "angle_units", "markup_edge", "interval_abs",
+        "ordered_tuple",
     }
     assert expected <= classes, expected - classes
     for cls in classes:

@@ -16,12 +16,13 @@ phrases; the final sentence; a short bare response; nothing after a chat-templat
 equal: :mod:`grpo_core.verify.equivalence`. The two rules that decide reward hacking:
 
 * Decimal rounding rule. Numbers are exact (``0.5`` is 1/2); no relative tolerance is ever applied to
-  numbers. A rounded decimal matches only another decimal: a gold decimal with d >= 2 places is the rounded
-  one and accepts a response decimal with more than d places that rounds to it (gold ``2.72`` accepts
-  ``2.718``; refuses ``2.7``, ``2.73``, ``e``). An exact value (fraction, radical, constant) never matches a
-  rounded decimal either way (``\\frac{2}{3}`` is not ``0.67``, ``\\sqrt{3}`` is not ``1.732``,
-  ``2.71828`` is not ``e``). A gold with 0 or 1 places is exact (``0.5`` refuses ``0.46``). Entry by entry
-  inside tuples, intervals and matrices.
+  numbers. Between two decimals, a gold decimal with d >= 2 places is the rounded one and accepts a response
+  decimal with more than d places that rounds to it (gold ``2.72`` accepts ``2.718``; refuses ``2.7``,
+  ``2.73``); a gold with 0 or 1 places is exact (``0.5`` refuses ``0.46``). A decimal against an exact value
+  (fraction, radical, constant), either side the gold, matches only when it is written to >= 6 significant
+  digits and is the exact value rounded at its last digit (``0.142857`` is 1/7, ``2.7182818`` is e); short
+  roundings never do (``\\frac{2}{3}`` is not ``0.67``, ``e`` is not ``2.72``, ``\\sqrt{3}`` is not
+  ``1.732``). Entry by entry inside tuples, intervals and matrices.
 * Unordered-set rule. Order is ignored only where the gold is a set or a list of solutions: written
   ``\\{..\\}``, joined by "and"/"or", ``x = 1, x = 2`` (one unknown), ``;``-separated solutions
   (``a=3,b=1; a=5,b=1``), a list of tuples, or a plain comma list that is sorted (its order carries no

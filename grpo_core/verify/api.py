@@ -29,10 +29,18 @@ from grpo_core.verify.values import (
 )
 from grpo_core.verify.latex_parser import parse_with_decimals
 from grpo_core.verify.limits import Deadline, ParseError, TooBig, time_guard
-from grpo_core.verify.normalize import MATH_NAMES, NormalizedAnswer, decimal_comma_reading, normalize_span
+from grpo_core.verify.normalize import (
+    MATH_NAMES,
+    NormalizedAnswer,
+    decimal_comma_reading,
+    labelled_parts,
+    normalize_span,
+    split_top_level,
+)
 
 _GOLD_CHOICE = re.compile(r"\(?([A-J])\)?")
 _GOLD_CHOICE_WITH_VALUE = re.compile(r"\(([A-J])\)\s+\S.*")  # gold "(B) 7": the letter decides
+_OPTION_PREFIX = re.compile(r"\(\s*[A-J]\s*\)\s*(?=[^\s,;])")
 _WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
 
 
@@ -144,6 +152,11 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
         return False, "wrong"
     if na.text.replace(" ", "") == ng.text.replace(" ", "") and na.percent == ng.percent:
         return True, "correct"
+    parts_a = labelled_parts(na.text) if ")" in na.text else None
+    parts_g = labelled_parts(ng.text) if ")" in ng.text else None
+    if parts_a or parts_g:
+        ok = _parts_equal(parts_a, parts_g, na.text, ng.text)
+        return ok, ("correct" if ok else "wrong")
     if max(len(na.text), len(ng.text)) > 300 and na.percent == ng.percent:
         fast = _long_literals_equal(na.text, ng.text)
         if fast is not None:
@@ -160,6 +173,9 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
     if gold_letter:
         ok = choice_letter(na.text) == gold_letter.group(1)
         return ok, ("correct" if ok else "wrong")
+    option = _OPTION_PREFIX.match(na.text)
+    if option:  # "\textbf{(C) } 1008" for the gold 1008: the option's value is the answer
+        na = NormalizedAnswer(na.text[option.end() :], na.percent, None, na.joined_by_words, na.rejected, na.degrees)
     try:
         parsed_gold, gold_side = _parse_side(ng)
     except (ParseError, TooBig, RecursionError):
@@ -169,7 +185,15 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
     except TooBig:
         return False, "too_big"
     except (ParseError, RecursionError):
-        return False, "unparsable"
+        last_side = _last_side(na.text)
+        if last_side is None:
+            return False, "unparsable"
+        # "\\int_0^1 x^2\\,dx = \\frac13": a chain whose earlier sides are outside the grammar states its last side
+        na = NormalizedAnswer(last_side, na.percent, None, na.joined_by_words, na.rejected, na.degrees)
+        try:
+            parsed_answer, answer_side = _parse_side(na)
+        except (ParseError, TooBig, RecursionError):
+            return False, "unparsable"
     try:
         ok = structures_equal(parsed_answer, parsed_gold, answer_side, gold_side)
         if not ok and isinstance(parsed_gold, sympy.Basic) and not parsed_gold.is_Integer:
@@ -179,10 +203,71 @@ def _judge_span(answer: str | None, gold: str) -> tuple[bool, str]:
                 alt_norm = NormalizedAnswer(alt, na.percent, None)
                 parsed_alt, alt_side = _parse_side(alt_norm)
                 ok = structures_equal(parsed_alt, parsed_gold, alt_side, gold_side)
+        if not ok and na.degrees != ng.degrees:
+            ok = _angle_units_equal(parsed_answer, parsed_gold, na.degrees, answer_side, gold_side)
     except (ValueError, TypeError, ArithmeticError, AttributeError, NotImplementedError):
         # sympy itself gave up on the comparison (e.g. complex AccumulationBounds): cannot judge.
         return False, "unjudgeable"
     return ok, ("correct" if ok else "wrong")
+
+
+def _last_side(text: str) -> str | None:
+    """The text after the last top-level ``=`` (not ``<=``, ``>=``, ``!=``) when a LaTeX command precedes it
+    (the part outside the grammar), or None."""
+    depth, cut = 0, -1
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "=" and depth == 0 and (i == 0 or text[i - 1] not in "<>!"):
+            cut = i
+    side = text[cut + 1 :].strip() if cut >= 0 else ""
+    return side if side and "\\" in text[:cut] else None
+
+
+def _angle_units_equal(answer, gold, answer_in_degrees: bool, answer_side, gold_side) -> bool:
+    """One side in degrees (a degree mark or unit), the other in radians (a constant multiple of pi): the
+    degree value times pi/180 is the radian value (``45^\\circ`` is ``\\frac{\\pi}{4}`` either way round). A bare
+    number is not in degrees (``45`` is not ``\\frac{\\pi}{4}``)."""
+    if not _in_radians(gold if answer_in_degrees else answer):
+        return False
+    factor = sympy.pi / 180 if answer_in_degrees else 180 / sympy.pi
+    converted = _map_scalars(answer, lambda v: v * factor)
+    # the converted answer is no longer the decimal literal it was written as: compared without its places
+    return converted is not None and structures_equal(converted, gold, Side(answer_side.norm, {}), gold_side)
+
+
+def _in_radians(value) -> bool:
+    items = value.items if isinstance(value, (AnswerList, SetOf)) else (value,)
+    return all(isinstance(v, sympy.Basic) and not v.free_symbols and v.has(sympy.pi) for v in items)
+
+
+def _map_scalars(value, fn):
+    if isinstance(value, sympy.Basic):
+        return fn(value) if not value.free_symbols else None
+    if isinstance(value, (AnswerList, SetOf)) and all(isinstance(v, sympy.Basic) for v in value.items):
+        return type(value)(tuple(fn(v) for v in value.items))
+    return None
+
+
+def _parts_equal(parts_a, parts_g, text_a: str, text_g: str) -> bool:
+    """An answer in labelled parts ``(a) .. (b) ..``: parts match by label when both sides are labelled, else
+    in order against the other side's top-level comma list (the labels fix the order); against a single gold
+    value, the last part is the answer (as the last of several boxes would be)."""
+    if parts_a and parts_g:
+        if sorted(label for label, _ in parts_a) != sorted(label for label, _ in parts_g):
+            return False
+        gold = dict(parts_g)
+        return all(_judge_span(body, gold[label])[0] for label, body in parts_a)
+    bodies = [body for _, body in (parts_a or parts_g)]
+    others = split_top_level(text_g if parts_a else text_a)
+    if parts_a and len(others) == 1:  # one gold value: the last part states it, as a last box would
+        return _judge_span(parts_a[-1][1], text_g)[0]
+    if len(others) != len(bodies):
+        return False
+    pairs = zip(bodies, others) if parts_a else zip(others, bodies)
+    return all(_judge_span(answer, gold)[0] for answer, gold in pairs)
 
 
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

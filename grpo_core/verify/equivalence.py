@@ -5,16 +5,23 @@ Rules (the documented contract of :func:`grpo_core.verify.verify`):
 * numbers: every literal is exact (``0.5`` is 1/2, ``2.50`` is 5/2, ``1.2e3`` is 1200). Two constant values
   are equal when they are exactly equal (rationals, including 10^5-digit integers and towers whose value
   has at most MAX_RESULT_DIGITS digits), or, for exact irrational forms (``\\sqrt2/2`` vs ``1/\\sqrt2``,
-  ``\\log_2 8`` vs ``3``), when they agree to 40 significant digits. A decimal literal never equals an
-  irrational value, however many digits it has: ``2.718281828`` is not ``e``;
-* decimal rounding rule: a rounded decimal matches only another decimal, never an exact fraction or
-  constant. A gold decimal with d >= 2 places (it is the rounded one) matches a response decimal with more
-  than d places that rounds (half up or half down) to it: gold ``2.72`` accepts ``2.718`` and ``2.72``,
-  refuses ``2.7``, ``2.73`` and ``e``; gold ``0.67`` refuses ``\\frac{2}{3}``; gold ``\\frac13`` refuses ``0.333``.
-  A gold with 0 or 1 decimal places is taken as exact (``0.5`` is 1/2, so ``0.46`` is wrong). The same
-  rule applies entry by entry inside tuples, intervals and matrices. No relative tolerance is used on
-  numbers;
+  ``\\log_2 8`` vs ``3``), when they agree to 40 significant digits;
+* decimal rules. (1) Two decimals: a gold decimal with d >= 2 places (it is the rounded one) matches a
+  response decimal with more than d places that rounds (half up or half down) to it: gold ``2.72`` accepts
+  ``2.718`` and ``2.72``, refuses ``2.7`` and ``2.73``. A gold with 0 or 1 decimal places is taken as exact
+  (``0.5`` is 1/2, so ``0.46`` is wrong). (2) A decimal against an exact value (integer written without a
+  point, fraction, radical, constant; either side may be the gold): equal only when the decimal has at least
+  MIN_EXACT_SIG_DIGITS (6) significant digits (leading zeros not counted, trailing zeros counted) and is the
+  exact value rounded to the decimal's own number of places (a tie either way): ``0.142857`` is 1/7,
+  ``2.7182818`` is e, ``0.1666666667`` is 1/6; ``0.1666666666`` (truncated), ``0.14``, ``2.72`` and
+  ``3.1416`` (short roundings) are not. Both rules apply entry by entry inside tuples, intervals and
+  matrices; a decimal inside an expression with symbols (``0.5x``) is exact. No relative tolerance is used
+  on numbers;
 * percent: ``50%`` equals ``50`` and ``0.5`` (the % is dropped, or the value divided by 100);
+* angle units (api.py): when exactly one side carries a degree mark or unit (``45^\\circ``, ``45°``, ``45
+  degrees``) and the other is a constant multiple of pi (or a list of such), the degree value times pi/180 is
+  compared with it (``45^\\circ`` is ``\\frac{\\pi}{4}`` either way round); a bare number is never taken as
+  degrees (``45`` is not ``\\frac{\\pi}{4}``, ``\\frac{\\pi}{4}`` is not a gold ``45``);
 * ``\\pm``: ``1 \\pm \\sqrt2`` is the set {1+sqrt2, 1-sqrt2};
 * expressions with symbols: equal if they agree at 6 seeded random rational points in [0.5, 2.5] --
   exactly when both sides evaluate to rationals there (so ``(x+2)^{500}`` differs from
@@ -22,26 +29,35 @@ Rules (the documented contract of :func:`grpo_core.verify.verify`):
   when too few points evaluate;
 * equations: an equation whose one side is a name states the other side's value (``x = 3``, ``|CD| = 2``,
   ``\\frac{PQ}{QR} = \\frac35``, ``S_1:S_2 = 5:9``, ``(a,b) = (4,1)``, ``f(3) = 10``, ``a+b = 11``: a name is a
-  symbol, a product/ratio of symbols, ``|name|``, a tuple of names or ``f(...)``, and on the response side
-  also a sum of names; a gold ``x + y = 1`` is a line, not the value 1); a chain
-  ``x = 4+4+2 = 10`` states its last side; a chain of constants ``4+4+2 = 10`` states its last side; an
-  ``\\approx`` ends the chain (``x = 1/3 \\approx 0.33`` states 1/3). ``a+3z = 0`` states nothing (not a name).
-  Two equations are equal if their sides match or ``lhs-rhs`` are proportional;
+  symbol, a product/ratio of symbols, ``|name|``, a tuple of names or ``f(...)``, and on the response side also a
+  sum of names; a gold ``x + y = 1`` is a line, not the value 1); a chain ``x = 4+4+2 = 10`` states its last side;
+  a chain of constants ``4+4+2 = 10`` states its last side; an ``\\approx`` ends the chain (``x = 1/3 \\approx
+  0.33`` and ``1/3 \\approx 0.33`` state 1/3). ``a+3z = 0`` states nothing (not a name). Two equations are equal
+  if their sides match or ``lhs-rhs`` are proportional;
 * inequalities over one variable equal the interval / union they describe (``x>2`` == ``(2,\\infty)``,
-  ``-x > -4`` == ``x < 4``: a linear inequality is solved first); an infinite interval end is always open;
-* unordered-set rule: a gold written as a set ``\\{..\\}``, with "and"/"or", as ``x = 1, x = 2`` (one
-  unknown), as a ``;``-separated list of solutions, or as a list of tuples is a solution set and compares
-  unordered; a gold comma list of numbers compares unordered only when it is sorted (ascending or
-  descending), i.e. when its order carries no information; an unsorted gold list (``1, 5, -3``) is ordered.
-  ``a=3, b=1`` (distinct unknowns) is the tuple (3, 1). Brackets ``(..)`` / ``[..]`` compare ordered with the
+  ``-x > -4`` == ``x < 4``: a linear inequality is solved first; ``-3 \\le y \\le 5`` == ``y \\in [-3, 5]``
+  == ``[-3, 5]``: the variable may be named on one side only; ``|x - 1| > 2`` == ``(-\\infty, -1) \\cup
+  (3, \\infty)`` and ``|2x+1| \\le 5`` == ``[-3, 2]``: an absolute value of a linear expression against a
+  positive constant is solved); an infinite interval end is always open;
+* unordered-set rule: a gold written as a set ``\\{..\\}``, with "and"/"or", as ``x = 1, x = 2`` (one unknown),
+  as a ``;``-separated list of solutions, or as a list of tuples is a solution set and compares unordered; a gold
+  comma list of numbers compares unordered only when it is sorted (ascending or descending), i.e. when its order
+  carries no information; an unsorted gold list (``1, 5, -3``) is ordered and no answer permutes it, a set ``\\{5,
+  1, -3\\}`` included. ``(x, y) = (4, 1)`` states values by name. ``a=3, b=1`` (distinct unknowns) states values
+  by name: against another such list with the same names it compares name by name in any written order (``b_{10} =
+  31, b_2 = 7`` is ``b_2 = 7, b_{10} = 31``; swapped values are not), with indexed names of one letter against a
+  gold comma list or set it is that list of values (``x_1 = 2, x_2 = -4`` for the roots ``-4, 2``), else the tuple
+  (3, 1). Labelled parts ``(a) 12, (b) 5`` (see api.py) match by label, or in label order against an unlabelled
+  list; against one gold value the last part is the answer. Brackets ``(..)`` / ``[..]`` compare ordered with the
   same bracket shapes (a 1-row or 1-column matrix equals a tuple of its entries);
 * matrices: any of pmatrix/bmatrix/matrix/array (``\\left[ .. \\right]``), scalar times matrix, sums and
   products of matrices are evaluated, then compared entry by entry under the number rules;
 * letters: ``e`` is Euler's number and ``i`` the imaginary unit (``x_i`` stays a symbol); a prose answer
   ("yes", "Monday": a word of >= 3 letters, no function names) compares as case-insensitive text;
   ``nan`` never matches;
-* multiple choice: a gold that is a single letter A-J matches ``B``, ``(B)``, ``B)``, ``\\text{(B)}``,
-  ``\\textbf{(B)}``, ``(B) 42``.
+* multiple choice: a gold that is a single letter A-J matches ``B``, ``(B)``, ``( B )``, ``B)``, ``\\text{(B)}``,
+  ``\\textbf{(B)}``, ``\\textbf{B.}``, ``(B) 42``; against a gold that is not a letter, an answer ``(B) 42``
+  (option letter, then its value) answers 42.
 """
 
 from __future__ import annotations
@@ -57,6 +73,7 @@ from grpo_core.verify.values import (
     PM,
     AnswerList,
     Bracketed,
+    Labelled,
     MatrixOf,
     Relation,
     SetOf,
@@ -71,6 +88,11 @@ _RNG_POINTS = 6
 _EXACT_DIGITS = 50
 _REL_EXACT = mpmath.mpf(10) ** -40
 _REL_SYMBOLIC = 1e-8
+MIN_EXACT_SIG_DIGITS = 6
+"""A decimal written to at least this many significant digits may equal an exact value (see the rounding rule)."""
+MAX_EXACT_SIG_DIGITS = 1000
+"""Longer decimals are not compared with irrational values (evaluation cost grows with the digits); against an
+exact rational any length compares exactly."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +125,7 @@ def _side(x) -> Side:
 
 def choice_letter(text: str) -> str | None:
     """The multiple-choice letter of a normalized answer, if it is one (``B``, ``(B)``, ``(B) 42``)."""
-    m = _CHOICE_RE.fullmatch(text.strip())
+    m = _CHOICE_RE.fullmatch(re.sub(r"\(\s*([A-J])\s*\)", r"(\1)", text.strip()))
     return m.group(1) if m else None
 
 
@@ -145,10 +167,17 @@ def scalar_equal(a, b, na=None, nb=None) -> bool:
     sa, sb = _side(na), _side(nb)
     if a == b:
         return True
-    candidates = [(a, b)]
-    if sa.percent != sb.percent:
-        candidates.append((a / 100, b) if sa.percent else (a, b / 100))
-    return any(_scalar_equal_once(x, y, sa, sb) for x, y in candidates)
+    candidates = [(a, b, sa, sb)]
+    if sa.percent != sb.percent:  # the percent side's decimals keep their digits: 14.285714% is 0.14285714
+        if sa.percent:
+            candidates.append((a / 100, b, _percent_side(sa), sb))
+        else:
+            candidates.append((a, b / 100, sa, _percent_side(sb)))
+    return any(_scalar_equal_once(x, y, sx, sy) for x, y, sx, sy in candidates)
+
+
+def _percent_side(side: Side) -> Side:
+    return Side(side.norm, {value / 100: places + 2 for value, places in side.places.items()})
 
 
 def _scalar_equal_once(a, b, sa: Side, sb: Side) -> bool:
@@ -168,10 +197,15 @@ def _scalar_equal_once(a, b, sa: Side, sb: Side) -> bool:
     free = a.free_symbols | b.free_symbols
     if free:
         return _symbolic_equal(a, b, free)
+    da, db = _places(sa, a), _places(sb, b)
+    if a.is_Rational and b.is_Rational and da is not None and db is not None:
+        return _rounding_match(a, b, da, db)
+    if da is not None and db is None:
+        return _long_decimal_match(a, da, b)
+    if db is not None and da is None:
+        return _long_decimal_match(b, db, a)
     if a.is_Rational and b.is_Rational:
-        return _rounding_match(a, b, _places(sa, a), _places(sb, b))
-    if (a.is_Rational and _places(sa, a) is not None) or (b.is_Rational and _places(sb, b) is not None):
-        return False  # a decimal literal is never an irrational value
+        return False
     va, vb = _numeric(a, _EXACT_DIGITS), _numeric(b, _EXACT_DIGITS)
     if va is None or vb is None:
         return False
@@ -194,6 +228,28 @@ def _rounding_match(a, b, da: int | None, db: int | None) -> bool:
     if frac == sympy.Rational(1, 2):  # a tie rounds either way
         return target in (lo, hi)
     return target == (hi if frac > sympy.Rational(1, 2) else lo)
+
+
+def _long_decimal_match(decimal, places: int, exact) -> bool:
+    """A decimal literal with ``places`` places written to >= MIN_EXACT_SIG_DIGITS significant digits equals a
+    constant exact value when it is that value rounded to ``places`` places (a tie rounds either way):
+    ``0.142857`` is 1/7, ``2.7182818`` is e; ``0.14`` (2 digits) and ``0.142858`` are not."""
+    scaled = int(decimal * 10**places)  # the written digits as an integer
+    if abs(scaled) < 10 ** (MIN_EXACT_SIG_DIGITS - 1):
+        return False
+    if exact.is_Rational:
+        return abs(exact * 10**places - scaled) <= sympy.Rational(1, 2)
+    if exact.free_symbols or not exact.is_number or abs(scaled) >= 10**MAX_EXACT_SIG_DIGITS:
+        return False
+    significant = len(str(abs(scaled)))
+    digits = max(_EXACT_DIGITS, significant + abs(significant - places) + 20)  # |digits before the point| too
+    value = _numeric(exact, digits)
+    if value is None:
+        return False
+    with mpmath.workdps(digits):
+        if abs(value.imag) > mpmath.mpf(10) ** (-places - 5):
+            return False
+        return abs(value.real * mpmath.mpf(10) ** places - scaled) < mpmath.mpf(1) / 2
 
 
 def _symbolic_equal(a, b, free) -> bool:
@@ -262,6 +318,8 @@ def _eq_value(rel: Relation, gold: bool = False):
         if k == 0:
             if len(terms) >= 2 and _is_name(terms[0]):
                 terms, ops = [terms[0], terms[1]], ["="]
+            elif _is_constant(terms[0]):  # \frac17 \approx 0.142857: the exact value is stated
+                return terms[0]
             else:
                 return None
         else:
@@ -307,6 +365,55 @@ def _solve_linear(x: Relation):
     return Relation((sym, bound), (op,))
 
 
+def _is_positive_constant(x) -> bool:
+    return isinstance(x, sympy.Basic) and not x.free_symbols and bool(x.is_real) and bool(x.is_positive)
+
+
+def _solve_abs(x: Relation):
+    """``|k y + m| < c`` / ``|k y + m| \\ge c`` (c > 0, one symbol, linear inside) as the interval or the union of
+    two rays it describes (``|x - 1| > 2`` is (-oo, -1) U (3, oo)); ``a <= |k y + m| <= b`` (0 < a < b) as the
+    two intervals between; None for any other relation."""
+    if not all(isinstance(t, sympy.Basic) for t in x.terms) or not all(op in _FLIP for op in x.ops):
+        return None
+    if len(x.terms) == 3 and isinstance(x.terms[1], sympy.Abs):  # 1 <= |z| <= 3/2: the ring between
+        terms, ops = list(x.terms), list(x.ops)
+        if ops[0] in (">", ">="):
+            terms, ops = terms[::-1], [_FLIP[o] for o in ops[::-1]]
+        if any(o not in ("<", "<=") for o in ops) or not _is_positive_constant(terms[0]):
+            return None
+        outer = _solve_abs(Relation((terms[1], terms[2]), (ops[1],)))
+        inner = _solve_abs(Relation((terms[1], terms[0]), (_FLIP[ops[0]],)))
+        if outer is None or inner is None:
+            return None
+        (lo, hi, lo_open, hi_open), ((_, left_end, _, left_open), (right_end, _, right_open, _)) = outer[0], inner
+        return ((lo, left_end, lo_open, left_open), (right_end, hi, right_open, hi_open))
+    if len(x.terms) != 2:
+        return None
+    (left, right), op = x.terms, x.ops[0]
+    if isinstance(right, sympy.Abs) and not isinstance(left, sympy.Abs):
+        left, right, op = right, left, _FLIP[op]
+    if not isinstance(left, sympy.Abs) or not _is_positive_constant(right):
+        return None
+    inner = left.args[0]
+    if len(inner.free_symbols) != 1:
+        return None
+    (sym,) = inner.free_symbols
+    try:
+        k = sympy.diff(inner, sym)
+        rest = sympy.expand(inner - k * sym)
+    except (Deadline, KeyboardInterrupt):
+        raise
+    except Exception:
+        return None
+    if k.free_symbols or rest.free_symbols or not k.is_real or k == 0:
+        return None
+    ends = sorted(((-right - rest) / k, (right - rest) / k), key=lambda v: float(v))
+    strict = op in ("<", ">")
+    if op in ("<", "<="):
+        return ((ends[0], ends[1], strict, strict),)
+    return ((-sympy.oo, ends[0], True, strict), (ends[1], sympy.oo, strict, True))
+
+
 def as_intervals(x):
     """x as a tuple of (lo, hi, lo_open, hi_open) intervals, or None if it is not interval-like."""
     if isinstance(x, Bracketed) and len(x.items) == 2 and all(isinstance(i, sympy.Basic) for i in x.items):
@@ -317,10 +424,16 @@ def as_intervals(x):
     if isinstance(x, Relation):
         if x.ops == ("in",) and _is_name(x.terms[0]):
             return as_intervals(x.terms[1])
+        if any(isinstance(t, sympy.Abs) for t in x.terms):
+            solved = _solve_abs(x)
+            if solved is not None:
+                return solved
         names = [t for t in x.terms if _is_name(t)]
         if len(names) != 1 or any(op in ("=", "in", "~") for op in x.ops):
-            solved = _solve_linear(x) if not any(op in ("=", "in", "~", "!=") for op in x.ops) else None
-            return as_intervals(solved) if solved is not None else None
+            if any(op in ("=", "in", "~", "!=") for op in x.ops):
+                return None
+            solved = _solve_linear(x)
+            return as_intervals(solved) if solved is not None else _solve_abs(x)
         if x.ops == ("!=",):
             v = x.terms[1] if _is_name(x.terms[0]) else x.terms[0]
             return ((-sympy.oo, v, True, True), (v, sympy.oo, True, True))
@@ -418,12 +531,17 @@ def _reshape(x):
             if all(v is not None and _is_name(n) for n, v in pairs):
                 names = [n for n, _ in pairs]
                 if len(set(names)) == len(names):
-                    return Bracketed(tuple(v for _, v in pairs), "(", ")")
+                    return Labelled(tuple(names), tuple(v for _, v in pairs))
                 if len(set(names)) == 1:
                     return SetOf(tuple(v for _, v in pairs))
         return AnswerList(items)
     if isinstance(x, SolutionGroups):
         return SetOf(tuple(_reshape(g) for g in x.groups))
+    if isinstance(x, Relation) and x.ops == ("=",):  # (x, y) = (4, 1): values by name
+        names, values = x.terms
+        if isinstance(values, Bracketed) and _is_name(names) and not _is_name(values):
+            if values.left == "(" and len(names.items) == len(values.items) == len(set(names.items)):
+                return Labelled(names.items, values.items)
     return x
 
 
@@ -451,6 +569,11 @@ def structures_equal(a, b, na=None, nb=None) -> bool:
     """Equality of two parsed answers (``a`` from the response, ``b`` from the gold)."""
     sa, sb = _side(na), _side(nb)
     a, b = _reshape(_expand_pm(a)), _reshape(_expand_pm(b))
+    if isinstance(a, Labelled) or isinstance(b, Labelled):
+        by_label = _labelled_equal(a, b, sa, sb)
+        if by_label is not None:
+            return by_label
+        a, b = _unlabel(a, b), _unlabel(b, a)
     if isinstance(a, Relation) and not isinstance(b, Relation):
         value = _eq_value(a)
         if value is not None:
@@ -473,7 +596,7 @@ def structures_equal(a, b, na=None, nb=None) -> bool:
             return _names_match(a, b) and structures_equal(va, vb, sa, sb)
         return False
     if isinstance(b, AnswerList) and isinstance(a, (SetOf, AnswerList)):
-        if isinstance(a, AnswerList) and _gold_list_ordered(b, sb):
+        if _gold_list_ordered(b, sb):  # an ordered gold: a set answer does not get to permute it either
             return _ordered_equal(a.items, b.items, sa, sb)
         return _unordered_equal(a.items, b.items, sa, sb)
     if isinstance(a, (SetOf, AnswerList)) and isinstance(b, SetOf):
@@ -496,6 +619,34 @@ def structures_equal(a, b, na=None, nb=None) -> bool:
     if isinstance(a, UnionOf) and isinstance(b, UnionOf):
         return _unordered_equal(a.items, b.items, sa, sb)
     return False
+
+
+def _labelled_equal(a, b, sa, sb) -> bool | None:
+    """Both sides state values for the same set of names: compare name by name, whatever the written order
+    (``b_{10} = 31, b_2 = 7`` is ``b_2 = 7, b_{10} = 31``; ``b_2 = 31, b_{10} = 7`` is not). None otherwise."""
+    if not (isinstance(a, Labelled) and isinstance(b, Labelled)) or set(a.names) != set(b.names):
+        return None
+    gold = dict(zip(b.names, b.values))
+    return all(_item_equal(value, gold[name], sa, sb) for name, value in zip(a.names, a.values))
+
+
+def _unlabel(x, other):
+    """Labelled values without their names: the ordered tuple they state, or, for indexed names of one letter
+    against a gold comma list or set (``x_1 = 2, x_2 = -4`` for the roots ``-4, 2``), a list of solutions that
+    the list rules compare."""
+    if not isinstance(x, Labelled):
+        return x
+    if isinstance(other, (AnswerList, SetOf)) and _indexed_names(x.names):
+        return AnswerList(x.values)
+    return Bracketed(x.values, "(", ")")
+
+
+def _indexed_names(names) -> bool:
+    """``x_1, x_2, ...``: subscripted symbols sharing one base letter."""
+    if not all(isinstance(n, sympy.Symbol) for n in names):
+        return False
+    bases = {n.name.partition("_")[0] if "_" in n.name else None for n in names}
+    return len(bases) == 1 and None not in bases
 
 
 def _names_match(a: Relation, b: Relation) -> bool:

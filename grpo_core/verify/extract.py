@@ -5,13 +5,21 @@ Extraction order (first that applies wins; each rule can be switched off in :cla
 0. text after the first chat-template token (``<|im_end|>``, ``<|im_start|>``, ``<|endoftext|>``,
    ``<|eot_id|>``, ``</s>``, ..., or a blank line followed by ``Human:`` / ``User:``) is ignored: it is a
    hallucinated next turn, not the answer;
-1. the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (real brace matching; also the ``\\boxed 5`` form). Boxes
-   that directly precede it, separated only by commas, "and"/"or", ``$`` or spacing
-   (``\\boxed{3}, \\boxed{4}``), are joined into one list answer. If the last box is unterminated or
-   too long the response has no answer: a truncated final answer is not replaced by an earlier one;
-2. the last "final answer is X" / "the answer is X" / "Answer: X" / "#### X" / "X is the answer"
-   phrase (X runs to the end of the line or sentence; if X is itself a sentence such as "The smallest
-   $k$ is 27", rule 3 is applied to it);
+1. the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (real brace matching; also the ``\\boxed 5`` form). Boxes that
+   directly precede it, separated only by commas, "and"/"or", ``$``, ``\\(``/``\\)`` or spacing (``\\boxed{3},
+   \\boxed{4}``), are joined into one list answer; when every joined box is preceded by a name (``$x_1 =
+   \\boxed{2}$ and $x_2 = \\boxed{-4}$``) the names are kept (``x_1 = 2, x_2 = -4``). A response in labelled
+   parts ("(a)", "(b)", ... or "(i)", "(ii)", ...; "Part (a)", a line starting "a)") whose every part holds a box
+   (or a rule-2 phrase), the last box in the last part, answers ``(a) <last box of (a)>, (b) <last box of (b)>``.
+   A last box left unclosed at the very end (``\\boxed{9``) answers its content when that is short, has no braces
+   and holds a digit; any other unterminated or too long last box means no answer: a truncated final answer is
+   not replaced by an earlier one;
+2. (parts: as in rule 1, each part's phrase) the last "final answer is X" / "the answer is X" / "Answer: X" /
+   "#### X" / "X is the answer" phrase (X runs to the end of the line or sentence; a clause after the value is
+   dropped: "12 apples, since ..." is 12, "7 (because ...)" is 7; a math span followed in its sentence by
+   "giving" / "which equals" / "=" and a value closing the sentence is not the answer, that value is: "the answer
+   is $\\sum_k k$ evaluated, giving 12" is 12; if X is itself a sentence such as "The smallest $k$ is 27", rule 3
+   is applied to it);
 3. the final sentence (closing courtesy sentences such as "I hope it is correct." skipped): the math
    span it ends with (``$..$``, ``$$..$$``, ``\\(..\\)``, ``\\[..\\]``, newlines allowed inside), else the
    value after its last "is" / "are" / "equals" / "=" when that value is short and numeric-looking,
@@ -80,7 +88,7 @@ _TEMPLATE_RE = re.compile(
     r"|\n\n(?:Human|User|USER):"
 )
 _BOX_GAP_RE = re.compile(
-    r"(?:\s|\$|,|;|\\quad|\\qquad|\\[,;: ]|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|\\(?:text|mathrm)\{\s*\})*"
+    r"(?:\s|\$|,|;|\\quad|\\qquad|\\[,;: ()]|\\text\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b|\\(?:text|mathrm)\{\s*\})*"
 )
 _LITERAL_RE = re.compile(r"[-+]?(?:\d+|\d{1,3}(?:[, ]\d{3})+)(?:\.\d+)?")
 _BOILERPLATE_RE = re.compile(
@@ -106,10 +114,52 @@ _FILLER_RE = re.compile(
 _APPROX_GAP_RE = re.compile(
     r"[\s,;(]*(?:which is |or |i\.e\.,? |that is,? )?(?:approximately|about|roughly|around|\\approx|\u2248)\s*"
 )
-_NEXT_SPAN_RE = re.compile(r"[ \t]*(?:,|,?[ \t]*and|,?[ \t]*or)[ \t]*\$([^$\n]{1,%d})\$" % MAX_ANSWER_CHARS)
+_NEXT_SPAN_RE = re.compile(r"[ \t]{0,8}(?:,|,?[ \t]{0,8}and|,?[ \t]{0,8}or)[ \t]{0,8}\$([^$\n]{1,%d})\$" % MAX_ANSWER_CHARS)
 _LIST_GAP_RE = re.compile(r"\s*(?:,|,?\s*and|,?\s*or)\s*")
 _CLAUSE_RE = re.compile(r"(?:[,;:]\s*|\s)((?:so|therefore|thus|hence)\b)", re.IGNORECASE)
+_ABBREVIATION_RE = re.compile(r"\b(?:i\.e|e\.g|approx|vs|cf|resp|etc)\.", re.IGNORECASE)
 _CHOICE_VALUE_RE = re.compile(r"\(?[A-J]\)")
+_TRAILING_CLAUSE_RE = re.compile(
+    r"[,;][ \t]{0,3}(?:because|since|as|so|which|where|when|if|for|but|while|given|then|this|that|it|we|i|they|"
+    r"here|note|check|thus|hence|therefore|and (?:the|we|so|then|it|this|that|there|thus|hence))(?![A-Za-z])"
+    r"|(?<=\s)(?:because|since|which|where|as|for)(?![A-Za-z])|(?<=\s)\((?=[A-Za-z]{3,}\b)",
+    re.IGNORECASE,
+)
+_LATER_VERB_RE = re.compile(
+    r"(?:giving|yielding|which (?:gives|equals|is|evaluates to|is equal to)|to get|we get|that gives|this gives|"
+    r"equal to|equals|=)[ \t]{0,3}",
+    re.IGNORECASE,
+)
+_CLOSING_VALUE_RE = re.compile(
+    r"(\$[^$\n]{1,200}\$|[-+\u2212]?\d[\d,]{0,40}(?:\.\d{1,40})?(?:/\d{1,20})?)[ \t]{0,3}(?:[.!](?:\s|$)|$)"
+)
+
+
+def _later_value(sentence_rest: str) -> str | None:
+    """The value that closes the sentence after a verb such as "giving" / "which equals" / "=" (the last such
+    verb of the sentence), or None. ``sentence_rest`` is what follows the first math span of the phrase."""
+    sentence = re.split(r"\.\s|\n", sentence_rest, maxsplit=1)[0]
+    verb = _last_match(_LATER_VERB_RE, sentence)
+    if verb is None or len(sentence) - verb.end() > 210:
+        return None
+    value = _CLOSING_VALUE_RE.match(sentence, verb.end())
+    if value is None or sentence[value.end() :].strip(" .!"):
+        return None
+    return value.group(1).strip("$").strip() or None
+
+
+def _cut_trailing_clause(value: str) -> str:
+    """``12 apples, since each box holds 3`` -> ``12 apples``: a value followed by a clause about it. Only
+    cuts when what precedes the clause is short and holds a digit (words after it are units, not prose)."""
+    cut = _TRAILING_CLAUSE_RE.search(value)
+    head = value[: cut.start()].rstrip() if cut is not None else ""
+    if not head:
+        return value
+    if "$" in head and head.count("$") % 2:
+        return value  # the clause word sits inside math
+    if re.search(r"\d", head) and len(re.findall(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", " ", head))) <= 2:
+        return head.strip()
+    return value
 _NUM_TOKEN_RE = re.compile(r"[-+\u2212]?\$?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?%?")
 
 
@@ -170,6 +220,83 @@ def _box_at(text: str, m: re.Match, limit: int) -> tuple[str | None, int]:
     return (arg.group(0), i + arg.end()) if arg else (None, i)
 
 
+PART_WINDOW = 20_000
+"""Labelled parts ``(a) ... (b) ...`` are looked for in at most this many characters at the end of the response."""
+_PART_HEAD_RE = re.compile(
+    r"(?:^|(?<=[\s*>#_]))(?:[Pp]art\s*)?\(([a-h]|i{1,3}|iv|vi{0,3})\)"
+    r"|^[ \t*#>_]*(?:[Pp]art\s+)?([a-h])(?:\)|\*\*|:)",
+    re.MULTILINE,
+)
+_PART_ORDERS = ("abcdefgh", ("i", "ii", "iii", "iv", "v", "vi", "vii", "viii"))
+
+
+def _part_answers(text: str, last_box: int | None) -> str | None:
+    """``(a) ... \\boxed{12} ... (b) ... \\boxed{5}`` -> ``(a) 12, (b) 5``: a response in labelled parts
+    ((a), (b), ... or (i), (ii), ...; "Part (a)", a line starting "a)") whose every part states an answer (its
+    last box, else its "the answer is" phrase); with ``last_box`` (the response's last box) in the last part.
+    None otherwise."""
+    start = max(0, len(text) - PART_WINDOW)
+    if text.find(")", start) < 0 and text.find("**", start) < 0 and text.find(":", start) < 0:
+        return None  # no part label can be there: skip the scan
+    heads = [(m.group(1) or m.group(2), m) for m in _PART_HEAD_RE.finditer(text, start)]
+    if len(heads) < 2:
+        return None
+    for order in _PART_ORDERS:
+        firsts = [k for k, (name, _) in enumerate(heads) if name == order[0]]
+        for k in reversed(firsts[-5:]):  # a later "(a)" may be a reference back ("as in (a)")
+            chosen, expected = [heads[k][1]], 1
+            for name, m in heads[k + 1 :]:
+                if expected < len(order) and name == order[expected]:
+                    chosen.append(m)
+                    expected += 1
+                elif name not in order[:expected]:
+                    break
+            else:
+                answer = _answers_of_parts(text, chosen, order, last_box)
+                if answer is not None:
+                    return answer
+    return None
+
+
+def _answers_of_parts(text: str, heads: list, order, last_box: int | None) -> str | None:
+    if len(heads) < 2 or (last_box is not None and heads[-1].end() > last_box):
+        return None
+    answers = []
+    for j, head in enumerate(heads):
+        end = heads[j + 1].start() if j + 1 < len(heads) else len(text)
+        segment = text[head.end() : end]
+        box = _last_match(_BOX_RE, segment)
+        if box is not None:
+            content, after = _box_at(text, _BOX_RE.match(text, head.end() + box.start()), MAX_ANSWER_CHARS)
+            if content is None or after > end:
+                return None
+        elif _PHRASE_RE.search(segment):
+            content = _phrase_answer(segment)
+            if content is None:
+                return None
+        else:
+            return None
+        answers.append(f"({order[j]}) {content.strip()}")
+    return ", ".join(answers)
+
+
+_BOX_LABEL_RE = re.compile(r"(?<![A-Za-z\\])([A-Za-z](?:_\{?[A-Za-z0-9]{1,8}\}?)?)\s*=\s*(?:\\\(|\$)?\s*$")
+_UNCLOSED_TAIL_RE = re.compile(r"\s*\{([^$\n]{1,100}?)\s*(?:\$\$?|\\\]|\\\))?[\s.]*")
+
+
+def _unclosed_box(text: str, m: re.Match) -> str | None:
+    """``... \\boxed{9`` / ``$\\boxed{9$.`` at the very end: the box's closing brace was left out. Its content
+    is the answer when it is short, on one line, without braces and holds a digit; a tail with groups
+    (``\\boxed{\\frac{1}{2}``: was it ``{25}``?) or a long one is a truncated answer, and no answer."""
+    if len(text) - m.end() > 400:
+        return None
+    tail = _UNCLOSED_TAIL_RE.fullmatch(text, m.end())
+    if tail is None:
+        return None
+    content = tail.group(1)
+    return content if "{" not in content and "}" not in content and re.search(r"\d", content) else None
+
+
 def _last_boxed(text: str, join: bool = False) -> tuple[bool, str | None]:
     """(found_any_box, content of the last box or None if that box is malformed / too long). With
     ``join``, boxes directly before the last one (only commas/and/or/$/spacing between) are joined into
@@ -178,9 +305,15 @@ def _last_boxed(text: str, join: bool = False) -> tuple[bool, str | None]:
     if last is None:
         return False, None
     content, _ = _box_at(text, last, MAX_LITERAL_CHARS)
+    if content is None:
+        content = _unclosed_box(text, last)
     if content is None or not join:
         return True, content
+    parts = _part_answers(text, last.start())
+    if parts is not None:
+        return True, parts
     parts, start = [content], last.start()
+    labels = [_BOX_LABEL_RE.search(text, max(0, start - 30), start)]
     while len(parts) < 20:
         prev = max(text.rfind("\\boxed", max(0, start - 2 * MAX_ANSWER_CHARS), start),
                    text.rfind("\\fbox", max(0, start - 2 * MAX_ANSWER_CHARS), start))
@@ -190,10 +323,15 @@ def _last_boxed(text: str, join: bool = False) -> tuple[bool, str | None]:
         if m is None:
             break
         prev_content, after = _box_at(text, m, MAX_ANSWER_CHARS)
-        if prev_content is None or after > start or start - after > 40 or not _BOX_GAP_RE.fullmatch(text, after, start):
+        gap_end = labels[-1].start() if labels[-1] is not None and labels[-1].start() >= after else start
+        if prev_content is None or after > start or gap_end - after > 40 or not _BOX_GAP_RE.fullmatch(text, after, gap_end):
             break
         parts.append(prev_content)
         start = prev
+        labels.append(_BOX_LABEL_RE.search(text, max(0, start - 30), start))
+    if len(parts) > 1 and all(label is not None for label in labels):
+        # "$x_1 = \\boxed{2}$ and $x_2 = \\boxed{-4}$": the names belong to the values
+        parts = [f"{label.group(1)} = {part.strip()}" for label, part in zip(labels, parts)]
     unique = list(dict.fromkeys(p.strip() for p in reversed(parts)))
     return True, ", ".join(unique)
 
@@ -256,7 +394,9 @@ def _sentence_answer(text: str, require_prose: bool = True) -> str | None:
     if end == 0:
         return None
     head = masked[:end]
-    bound = max(head.rfind(". "), head.rfind(".\n"), head.rfind("\n"), head.rfind("! "), head.rfind("? "))
+    dots = _ABBREVIATION_RE.sub(lambda m: m.group(0).replace(".", "_"), head[-600:])  # "i.e." ends no sentence
+    dots = head[: len(head) - len(dots)] + dots
+    bound = max(dots.rfind(". "), dots.rfind(".\n"), dots.rfind("\n"), dots.rfind("! "), dots.rfind("? "))
     begin = bound + 1
     sentence_spans = [(a, b, c) for a, b, c in spans if a >= begin and b <= end]
 
@@ -294,6 +434,10 @@ def _sentence_answer(text: str, require_prose: bool = True) -> str | None:
             masked_raw = head[a:b]
             words = [w for w in re.findall(r"[A-Za-z]{2,}", masked_raw.replace("\x00", " "))]
             raw = raw.strip("*").strip()
+            cut = _cut_trailing_clause(raw)
+            if cut != raw:
+                masked_raw, raw = masked_raw[: len(cut)], cut
+                words = [w for w in re.findall(r"[A-Za-z]{2,}", masked_raw.replace("\x00", " "))]
             if _CHOICE_VALUE_RE.fullmatch(raw):
                 return found(a, b, raw)
             if (re.search(r"\d", raw) or "\x00" in masked_raw) and len(words) <= 3 and re.match(
@@ -343,6 +487,9 @@ def _phrase_answer(text: str) -> str | None:
                         break
                     parts.append(more.group(1).strip())
                     after = more.end()
+                later = _later_value(rest[after : after + 400]) if len(parts) == 1 else None
+                if later is not None:  # "the answer is $\\sum_k k$ evaluated, giving 12": the value closing it
+                    return later
                 return ", ".join(p for p in parts if p) or None
             break
     line = rest.lstrip().split("\n", 1)[0]
@@ -356,6 +503,7 @@ def _phrase_answer(text: str) -> str | None:
         span = span.lstrip("\\").strip('"').rstrip("\\").strip()
     if not span:
         return None
+    span = _cut_trailing_clause(span)
     words = re.findall(r"[A-Za-z]{2,}", re.sub(r"\$[^$]*\$|\\[A-Za-z]+", " ", span))
     if len(words) >= 3:  # "The smallest $k$ is 27": the phrase introduces a sentence
         inner = _sentence_answer(span, require_prose=False)
@@ -388,7 +536,8 @@ def extract_span(response: str, config: ExtractConfig | None = None) -> str | No
                     return _cap(phrase)
             return _cap(span)
     if config.use_phrases:
-        span = _phrase_answer(text)
+        span = _part_answers(text, None) if config.join_adjacent_boxes else None
+        span = span if span is not None else _phrase_answer(text)
         if span is not None:
             return _cap(span)
     if config.use_final_sentence:

@@ -2,7 +2,8 @@
 
 Nothing here evaluates model text as code: tokens are mapped to sympy constructors from an explicit
 whitelist (``_FUNCS``, ``_CONSTANTS``); no ``eval``/``sympify``/``parse_expr``/``parse_latex``. Work is
-bounded: input length is capped by the caller, nesting by MAX_DEPTH, and numeric powers/factorials whose
+bounded: input length is capped by the caller, nesting by MAX_DEPTH (beyond MAX_INEXACT_DEPTH only exact
+rational values are accepted), and numeric powers/factorials whose
 result would exceed MAX_RESULT_DIGITS raise :class:`TooBig` before sympy computes them.
 
 Grammar (lowest precedence first)::
@@ -31,7 +32,14 @@ import sys
 
 import sympy
 
-from grpo_core.verify.limits import MAX_DEPTH, MAX_FACTORIAL_ARG, MAX_RESULT_DIGITS, ParseError, TooBig
+from grpo_core.verify.limits import (
+    MAX_DEPTH,
+    MAX_FACTORIAL_ARG,
+    MAX_INEXACT_DEPTH,
+    MAX_RESULT_DIGITS,
+    ParseError,
+    TooBig,
+)
 from grpo_core.verify.values import (
     PM,
     AnswerList,
@@ -181,6 +189,7 @@ class _Parser:
             raise TooBig("too many letters for a formula")
         self.i = 0
         self.depth = 0
+        self.deepest = 0
         self.decimals: dict = {}  # |value| of each decimal literal -> its number of decimal places
 
     # ---- token helpers -------------------------------------------------------------------------
@@ -202,6 +211,7 @@ class _Parser:
 
     def enter(self) -> None:
         self.depth += 1
+        self.deepest = max(self.deepest, self.depth)
         if self.depth > MAX_DEPTH:
             raise TooBig("nesting too deep")
 
@@ -365,7 +375,10 @@ class _Parser:
             exp = self.group() if self.peek() == "{" else self.unary()
             self.depth -= 1
             _need_scalar(base, exp)
-            return safe_pow(base, exp)
+            base = safe_pow(base, exp)
+        if self.deepest > MAX_INEXACT_DEPTH and isinstance(base, sympy.Basic) and not base.is_Rational:
+            # refused where it is built: sympy's work on deep irrational nests (sin(sin(...))) grows fast
+            raise TooBig("deep nesting with a value that is not an exact rational")
         return base
 
     def postfix(self):
@@ -686,4 +699,19 @@ def parse_with_decimals(text: str):
     finally:
         if limit < 6000:
             sys.setrecursionlimit(limit)
+    if parser.deepest > MAX_INEXACT_DEPTH and not _exact_rational(value):
+        raise TooBig("deep nesting with a value that is not an exact rational")
     return value, parser.decimals
+
+
+def _exact_rational(value) -> bool:
+    """Every scalar in ``value`` (a sympy number or a container of them) is a Rational."""
+    if isinstance(value, sympy.Basic):
+        return bool(value.is_Rational)
+    if isinstance(value, (Bracketed, SetOf, AnswerList, UnionOf)):
+        return all(_exact_rational(v) for v in value.items)
+    if isinstance(value, MatrixOf):
+        return all(_exact_rational(v) for row in value.rows for v in row)
+    if isinstance(value, Relation):
+        return all(_exact_rational(t) for t in value.terms)
+    return False

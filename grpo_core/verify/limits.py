@@ -21,8 +21,11 @@ MAX_ANSWER_CHARS = 1000
 """An extracted answer span longer than this is rejected (no answer)."""
 MAX_LITERAL_CHARS = 120_000
 """A span that is one plain number literal may be this long (a 100,000-digit integer compares in ~0.1 s)."""
-MAX_DEPTH = 100
-"""Deepest bracket / brace / \\frac nesting the parser follows; deeper input is a parse failure."""
+MAX_DEPTH = 250
+"""Deepest bracket / brace / \\frac nesting the parser follows; deeper input is refused (TooBig)."""
+MAX_INEXACT_DEPTH = 100
+"""Nesting deeper than this is accepted only when the value is exact and rational (``\\frac{1}{\\frac{1}{..}}``):
+a deep irrational (``\\sqrt{\\sqrt{..2..}}`` 120 times, within 1e-36 of 1) would pass any numeric comparison."""
 MAX_RESULT_DIGITS = 120_000
 """Numeric powers / products whose exact result would exceed ~this many decimal digits are refused."""
 MAX_FACTORIAL_ARG = 1000

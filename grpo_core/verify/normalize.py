@@ -7,13 +7,15 @@ Rules (documented contract; the same function is applied to the response's answe
 * ``\\text{...}`` / ``\\mbox{...}`` / ``\\textrm{...}``: a word-only content (a unit such as ``cm``,
   ``dollars``, ``degrees``) is dropped, ``or``/``and`` become a comma, anything else is unwrapped;
   ``\\mathrm``/``\\mathbf``/``\\operatorname`` are unwrapped;
-* degrees (``^\\circ``, ``^{\\circ}``, ``°``, ``\\degree``) are dropped: ``30^\\circ`` equals ``30``;
+* degrees (``^\\circ``, ``^{\\circ}``, ``°``, ``\\degree``) are dropped: ``30^\\circ`` equals ``30``; that a degree
+  mark or unit was there is remembered (``degrees``: a radian gold with pi converts it, see api.py);
 * a percent sign is dropped and remembered (see :mod:`grpo_core.verify.equivalence` for the rule);
 * ``1{,}000`` / ``1,000,000`` become ``1000`` / ``1000000`` when the whole answer is one number;
   ``2 1/3`` (whole answer) is the mixed number 7/3;
 * trailing unit words after a number (``5 apples``, ``60 km/h``, ``12 cm²``), currency signs
   (``\\$``, ``€``, ``£``, ``¥``, ``₹``) and a trailing ``.`` are dropped; a leading label word
-  (``Area = 12``, ``\\text{Total}: 12``) is dropped;
+  (``Area = 12``, ``\\text{Total}: 12``) is dropped, but a program keyword as label (``def: 2``,
+  ``return = 2``) rejects the answer: it is code, not a labelled value;
 * number formats: thin-space / space thousands groups (``2\\,000``, ``2 000``), ``22,\\!333``, a decimal
   comma where it cannot be a thousands separator (``2500,75``, ``0,125``, ``1,5``: not exactly three digits
   after the comma, or a leading ``0,``), European ``2.500,75``;
@@ -21,7 +23,9 @@ Rules (documented contract; the same function is applied to the response's answe
   (``7\n1/4`` is not a number) and never with a percent sign (``7 1/4%`` is ambiguous: rejected);
 * a repeating decimal ``0.1\\overline{6}`` is its exact fraction (1/6);
 * ordinal suffixes (``5th``, ``5^{\\text{th}}``) are dropped; a single number word (``five``) is its number;
-* ``nan`` is never a value (rejected).
+* ``nan`` is never a value (rejected); a set-builder ``\\{y \\mid -3 \\le y \\le 5\\}`` is its condition;
+* a bracket pair whose only content is a pair of the same kind is dropped (``((((2))))`` is ``(2)``), so
+  benign nesting of redundant pairs parses within the parser's depth bounds.
 """
 
 from __future__ import annotations
@@ -67,12 +71,17 @@ _UNICODE = {
 }
 _DROP_CMDS = re.compile(
     r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg|displaystyle|textstyle|"
-    r"scriptstyle|quad|qquad|limits|nolimits|hline|boxed|fbox)(?![A-Za-z])|(?<!\\)\\[,;: ]|~"
+    r"scriptstyle|limits|nolimits|hline|boxed|fbox)(?![A-Za-z])|\\q?quad|(?<!\\)\\[,;: ]|~"
 )
 _TEXT_CMDS = ("text", "textrm", "textnormal", "mbox", "textup", "textit", "textbf", "hbox")
 _UNWRAP_CMDS = ("mathrm", "mathbf", "mathit", "mathsf", "boldsymbol", "bm", "operatorname", "mathbb", "mathnormal")
 _WRAP_RE = re.compile(r"\\(" + "|".join(_TEXT_CMDS + _UNWRAP_CMDS) + r")\s*\{")
 _DEGREE_RE = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree(?![A-Za-z])|\^\s*\{\s*o\s*\}")
+_DEGREE_MARK_RE = re.compile(r"\\circ|\\degree(?![A-Za-z])|\u00b0|\^\s*\{\s*o\s*\}|\bdeg(?:ree)?s?\b", re.IGNORECASE)
+_SET_BUILDER_RE = re.compile(
+    r"\\\{\s*[A-Za-z]\s*(?:\\in\s*(?:\\mathbb\s*\{?\s*R\s*\}?|\\R(?![A-Za-z])))?\s*(?:\\mid|\\vert|\||:|\\colon)"
+    r"\s*(.+?)\s*\\\}"
+)
 _PERCENT_RE = re.compile(r"\\?%")
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _MIXED_RE = re.compile(r"([-+]?)(\d+) +(\d+) */ *(\d+)")
@@ -106,6 +115,12 @@ _WORD_NUMBERS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60
                       "ninety": "90", "hundred": "100", "thousand": "1000", "million": "1000000"})
 _LONG_LITERAL_RE = re.compile(r"[-+]?(?:\d+|\d{1,3}(?:,\d{3})+|\d{1,3}(?: \d{3})+)(?:\.(\d+))?")
 _LABEL_RE = re.compile(r"^\s*[A-Za-z][A-Za-z ]{2,}\s*[=:]\s*(?=\S)")
+_CODE_WORDS = frozenset({
+    "def", "return", "print", "printf", "lambda", "let", "var", "const", "int", "float", "double", "char", "void",
+    "class", "import", "from", "assert", "yield", "elif", "else", "if", "for", "while", "true", "false", "null",
+    "none", "function", "func", "fn", "echo", "puts", "case", "default", "switch", "goto", "public", "static",
+})
+"""Words that make a leading ``word:`` / ``word =`` a program keyword, not an answer label."""
 _SPACE_GROUPS_RE = re.compile(r"(?<![\d.])(\d{1,3})((?: \d{3})+)(?![\d/])")
 _DECIMAL_COMMA_RE = re.compile(r"(-?)(\d+),(\d+)")
 _EURO_RE = re.compile(r"(-?\d{1,3}(?:\.\d{3})+),(\d+)")
@@ -127,6 +142,8 @@ class NormalizedAnswer:
     """The answer listed items with "and" / "or" (a solution set, compared unordered)."""
     rejected: bool = False
     """The answer is malformed in a way that must not match anything (``nan``, ``7 1/4%``)."""
+    degrees: bool = False
+    """A degree mark or unit was dropped (``45^\\circ``, ``45°``, ``45 degrees``)."""
 
 
 def _unwrap_text_commands(s: str) -> str:
@@ -145,7 +162,7 @@ def _unwrap_text_commands(s: str) -> str:
                 content = ","
             elif (
                 re.fullmatch(r"[A-Za-z][A-Za-z .]*", words)
-                and not re.fullmatch(r"[A-J]|[a-z]", words)
+                and not re.fullmatch(r"[A-J]\.?|[a-z]", words)
                 and re.search(r"[\w\\]", s[: m.start()] + s[close + 1 :])
             ):
                 content = " "  # a unit next to a value; a text-only answer ("\text{yes}") is kept
@@ -164,6 +181,10 @@ def normalize_span(span: str) -> NormalizedAnswer:
         if plain:
             s = s.replace(",", "").replace(" ", "")
             return NormalizedAnswer(text=s, percent=False, decimals=len(plain.group(1)) if plain.group(1) else None)
+    degrees = _DEGREE_MARK_RE.search(s) is not None
+    builder = _SET_BUILDER_RE.fullmatch(s)
+    if builder:  # \{y \mid -3 \le y \le 5\}: the condition is the answer (the set it describes)
+        s = builder.group(1)
     for ch, rep in _UNICODE.items():
         if ch in s:
             s = s.replace(ch, rep)
@@ -196,7 +217,9 @@ def normalize_span(span: str) -> NormalizedAnswer:
     s = re.sub(r",\s*,", ",", s).strip(" ,")
     s = re.sub(r"^[=:]\s*", "", s)
     label = _LABEL_RE.match(s)
-    if label and not any(w.lower() in _MATH_WORDS for w in re.findall(r"[A-Za-z]+", label.group(0))) and len(
+    if label and label.group(0).split()[0].rstrip("=:").lower() in _CODE_WORDS:
+        rejected = True  # "def: 2", "return: 2": program text, not a labelled value
+    elif label and not any(w.lower() in _MATH_WORDS for w in re.findall(r"[A-Za-z]+", label.group(0))) and len(
         re.findall(r"[A-Za-z]{3,}", label.group(0))
     ):
         s = s[label.end() :]
@@ -228,9 +251,13 @@ def normalize_span(span: str) -> NormalizedAnswer:
     word = _WORD_NUMBERS.get(s.lower())
     if word is not None:  # "\\text{five}"
         s = word
+    if "((" in s or "{{" in s or "[[" in s:
+        s = collapse_redundant_brackets(s)
     dec = _DECIMAL_RE.fullmatch(s)
     decimals = len(dec.group(2)) if dec else None
-    return NormalizedAnswer(text=s, percent=percent, decimals=decimals, joined_by_words=joined, rejected=rejected)
+    return NormalizedAnswer(
+        text=s, percent=percent, decimals=decimals, joined_by_words=joined, rejected=rejected, degrees=degrees
+    )
 
 
 def decimal_comma_reading(text: str) -> str | None:
@@ -239,3 +266,79 @@ def decimal_comma_reading(text: str) -> str | None:
     if comma and len(comma.group(3)) != 3:
         return f"{comma.group(1)}{comma.group(2)}.{comma.group(3)}"
     return None
+
+
+_PART_LABEL_RE = re.compile(r"(?:^|(?<=[\s,;]))\(?([a-h]|i{1,3}|iv|vi{0,3})\)\s*")
+_PART_ORDER = ("abcdefgh", ("i", "ii", "iii", "iv", "v", "vi", "vii", "viii"))
+
+
+def labelled_parts(text: str) -> tuple[tuple[str, str], ...] | None:
+    """``(a) 12, (b) 5`` / ``a) 12, b) 5`` -> (("a", "12"), ("b", "5")): an answer given as labelled parts
+    (each label once, the labels together consecutive from (a) or (i), one at the start); None when ``text``
+    is not such a list of at least two parts."""
+    labels = list(_PART_LABEL_RE.finditer(text))
+    if len(labels) < 2 or labels[0].start() != 0:
+        return None
+    names = [m.group(1) for m in labels]
+    if not any(sorted(names) == sorted(order[: len(names)]) for order in _PART_ORDER):
+        return None  # labels each once, consecutive from (a) / (i), in any written order
+    parts = []
+    for m, nxt in zip(labels, labels[1:] + [None]):
+        body = text[m.end() : nxt.start() if nxt else len(text)].strip().strip(",;").strip()
+        if not body:
+            return None
+        parts.append((m.group(1), body))
+    return tuple(parts)
+
+
+def split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and braces (``(1, 2), 3`` -> ``["(1, 2)", "3"]``)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    items.append(text[start:].strip())
+    return items
+
+
+_CLOSER = {"(": ")", "[": "]", "{": "}"}
+
+
+def collapse_redundant_brackets(s: str) -> str:
+    """``((((2))))`` -> ``(2)``, ``{{{x}}}`` -> ``{x}``: a bracket pair whose only content is a pair of the same
+    kind is redundant (the parser reads ``((a, b))`` as ``(a, b)`` and ``[[x]]`` as ``[x]``), so benign deep
+    nesting parses within MAX_DEPTH. One linear pass; escaped ``\\{``/``\\}`` and unbalanced text are left alone."""
+    stack: list[int] = []
+    inner_open: dict[int, int] = {}  # close index -> open index, for every matched pair
+    drop: set[int] = set()
+    i, n = 0, len(s)
+    while i < n:
+        ch = s[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch in _CLOSER:
+            stack.append(i)
+        elif ch in ")]}":
+            if not stack or _CLOSER[s[stack[-1]]] != ch:
+                return s
+            start = stack.pop()
+            first = start + 1
+            while first < i and s[first] == " ":
+                first += 1
+            last = i - 1
+            while last > start and s[last] == " ":
+                last -= 1
+            if inner_open.get(last) == first and s[first] == s[start]:
+                drop.update((start, i))
+            inner_open[i] = start
+        i += 1
+    if stack or not drop:
+        return s
+    return "".join(ch for k, ch in enumerate(s) if k not in drop)
+

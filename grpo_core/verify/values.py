@@ -51,6 +51,14 @@ class SolutionGroups:
 
 
 @dataclass(frozen=True)
+class Labelled:
+    """``x = 3, y = 1`` / ``b_2 = 7, b_{10} = 31``: values stated for distinct names, in the written order."""
+
+    names: tuple
+    values: tuple
+
+
+@dataclass(frozen=True)
 class UnionOf:
     """``A \\cup B \\cup ...``."""
 
