@@ -321,3 +321,40 @@ def test_signal_single_process_exit_code(tmp_path, sig, code):
     assert proc.returncode == code, stderr[-3000:]
     assert "Traceback" not in stderr and f"grpo train: stopped by {sig} after step" in stderr
     assert json.loads((out / "summary.json").read_text())["stopped_by"] == sig
+
+
+def _digest_rank(rank: int, port: int, same: bool, results) -> None:
+    import torch.distributed as dist
+
+    from grpo_core.distributed import LaunchError, check_same_weights
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0 if same else rank)
+    module = torch.nn.Linear(5, 3)
+    try:
+        check_same_weights(module, what="the test weights")
+        results.put((rank, "ok"))
+    except LaunchError as e:
+        results.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["equal", "differ"])
+def test_weight_digest_check_stops_every_rank_when_weights_differ(same):
+    """check_same_weights: bitwise-equal weights pass; weights that differ (rank 1's seed) stop every rank with
+    one line naming the ranks."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_digest_rank, args=(r, port, same, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    got = dict(results.get(timeout=5) for _ in range(2))
+    if same:
+        assert got == {0: "ok", 1: "ok"}
+    else:
+        for rank in (0, 1):
+            assert "the test weights differ between rank 0 and rank(s) [1]" in got[rank], got
