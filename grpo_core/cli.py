@@ -135,6 +135,8 @@ def _train(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("GRPO_DEBUG") == "1"
+    if debug:
+        os.environ["GRPO_DEBUG"] = "1"  # worker processes (custom rewards) print full tracebacks too
     name = f"grpo {args.command}"
     try:
         if args.command == "train":

@@ -96,6 +96,9 @@ def check_train(cfg: Config, resume: str = "none") -> None:
     for key in ("train_files", "eval_files"):
         for f in getattr(cfg.data, key):
             check_data_file(f, f"data.{key}")
+    from grpo_core.scoring import check_custom_functions
+
+    check_custom_functions(cfg)  # imported and signature-checked in a throwaway process, before any write
     if resume not in (None, "", "none", "auto"):
         p = Path(resume)
         if not p.is_dir():

@@ -508,6 +508,11 @@ class Trainer:
             tmp.replace(self.out / "summary.json")
         self.log.close()
         gdist.barrier()  # every rank exits after the summary is written (a launcher may kill the rest at the first exit)
+        useless = next(filter(None, gdist.all_gather_objects(self.run.verifier.never_succeeded())), None)
+        if useless and stopped_by is None:
+            from grpo_core.scoring import RewardFunctionError
+
+            raise RewardFunctionError(useless)
         return summary
 
     # ------------------------------------------------------------------------------------------ checkpoints
