@@ -84,6 +84,29 @@ class DataConfig:
             _fail(f"{p}.synthetic_eval_size", "must be >= 0")
         if self.prompt_template and "{prompt}" not in self.prompt_template:
             _fail(f"{p}.prompt_template", "must contain '{prompt}'")
+        if not self.train_files:
+            self._validate_synthetic(p)
+
+    def _validate_synthetic(self, p: str) -> None:
+        """The synthetic tasks made when train_files is empty: known kinds, each knowing the level."""
+        from grpo_core.tasks.synthetic import TASKS
+
+        if not self.synthetic_kinds:
+            _fail(f"{p}.synthetic_kinds", "is empty and data.train_files is empty: nothing to train on; name "
+                  f"task kinds ({', '.join(TASKS)}) or set data.train_files")
+        for kind in self.synthetic_kinds:
+            if kind not in TASKS:
+                _fail(f"{p}.synthetic_kinds", f"unknown kind {kind!r}; known kinds: {', '.join(TASKS)}")
+        if len(set(self.synthetic_kinds)) != len(self.synthetic_kinds):
+            _fail(f"{p}.synthetic_kinds", f"repeats a kind: {self.synthetic_kinds}")
+        for kind in self.synthetic_kinds:
+            if self.synthetic_level not in TASKS[kind].levels:
+                _fail(f"{p}.synthetic_level", f"must be one of {list(TASKS[kind].levels)} for kind {kind!r}, got "
+                      f"{self.synthetic_level}")
+
+
+MAX_GROUP_SIZE = 1024  # rollout.group_size bound (see RolloutConfig.validate)
+MAX_REWARD = 1e6  # bound on |reward| values: advantage normalisation squares differences of rewards
 
 
 @dataclass
@@ -101,8 +124,15 @@ class RolloutConfig:
     sleep_mode: bool = True  # vllm: release KV cache and weights while training
 
     def validate(self, p: str) -> None:
-        if self.group_size < 1:
-            _fail(f"{p}.group_size", "must be >= 1")
+        if self.group_size < 2:
+            _fail(f"{p}.group_size", f"must be >= 2, got {self.group_size}: advantages are relative to the other "
+                  "responses of a prompt, so with one response each they are all 0 and nothing trains")
+        if self.group_size > MAX_GROUP_SIZE:
+            _fail(f"{p}.group_size", f"must be <= {MAX_GROUP_SIZE}, got {self.group_size} (recipes use 4-64 "
+                  "samples per prompt; one step would generate group_size x trainer.train_batch_prompts responses)")
+        if any(not s for s in self.stop_strings):
+            _fail(f"{p}.stop_strings", f"must hold non-empty strings, got {self.stop_strings!r} (an empty stop "
+                  "string would end every response at once)")
         if self.temperature <= 0:
             _fail(f"{p}.temperature", "must be > 0 (the trainer's logprobs divide by it; for greedy held-out "
                   "evaluation set trainer.eval_greedy: true)")
@@ -148,6 +178,14 @@ class RewardConfig:
                 _fail(f"{p}.{key}", problem)
         if self.custom_function and self.default != "math":
             _fail(f"{p}.default", "set either reward.custom_function or reward.default, not both")
+        for name in ("correct", "incorrect", "format_reward"):
+            if abs(getattr(self, name)) > MAX_REWARD:
+                _fail(f"{p}.{name}", f"must be within [-{MAX_REWARD:g}, {MAX_REWARD:g}], got {getattr(self, name):g} "
+                      "(advantages normalise differences of rewards; scale them down)")
+        if self.correct <= self.incorrect:
+            _fail(f"{p}.correct", f"must be greater than reward.incorrect ({self.correct:g} <= {self.incorrect:g}): "
+                  "the run would learn to be wrong" + (" (or nothing, when equal)" if self.correct == self.incorrect
+                                                       else ""))
         if self.code_timeout_s <= 0:
             _fail(f"{p}.code_timeout_s", "must be > 0")
         if self.custom_error_limit < 1:
@@ -209,8 +247,14 @@ class AlgorithmConfig:
         for name in ("entropy_coef", "kl_coef", "hidden_align_coef", "edas_alpha", "edas_beta"):
             if getattr(self, name) < 0:
                 _fail(f"{p}.{name}", "must be >= 0")
-        if self.edas_kappa <= 0:
-            _fail(f"{p}.edas_kappa", "must be > 0")
+        if self.edas_kappa < 1:
+            _fail(f"{p}.edas_kappa", "must be >= 1 (so that the shift keeps the sign of the advantage)")
+        if self.adv_eps < 0:
+            _fail(f"{p}.adv_eps", "must be >= 0")
+        if self.fipo_tau <= 0:
+            _fail(f"{p}.fipo_tau", "must be > 0 (a half-life in tokens)")
+        if self.fipo_eps < 0:
+            _fail(f"{p}.fipo_eps", "must be >= 0")
         if self.tis_clip <= 0:
             _fail(f"{p}.tis_clip", "must be > 0")
         if not self.hidden_align_marker:
@@ -276,6 +320,8 @@ class TrainerConfig:
             _fail(f"{p}.min_lr_ratio", "must be in [0, 1]")
         if not self.output_dir:
             _fail(f"{p}.output_dir", "must not be empty")
+        if self.seed < 0:
+            _fail(f"{p}.seed", "must be >= 0")
         if self.train_batch_prompts % self.mini_batches:
             _fail(f"{p}.mini_batches", "must divide trainer.train_batch_prompts")
 
