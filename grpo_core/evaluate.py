@@ -281,6 +281,9 @@ def run_eval(args, ks: list[int], n: int) -> tuple[dict, str]:
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise EvalError(f"CHECKPOINT {checkpoint} has no config.json (expected an HF-layout model directory)")
+    from grpo_core.preflight import check_model_dir
+
+    check_model_dir(str(checkpoint), key="CHECKPOINT")  # names, shapes, tokenizer: before any generation
     # --set KEY=VALUE (e.g. rollout.gpu_memory_utilization) and --engine (= --set rollout.engine=...), then ours.
     overrides = list(getattr(args, "overrides", None) or [])
     if getattr(args, "engine", None):

@@ -85,11 +85,23 @@ class Tokenizer:
         path = Path(path)
         if not (path / TOKENIZER_FILE).is_file():
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in {path}")
-        backend = _BackendTokenizer.from_file(str(path / TOKENIZER_FILE))
+        from grpo_core.errors import UserError
+
+        try:
+            backend = _BackendTokenizer.from_file(str(path / TOKENIZER_FILE))
+        except Exception as e:  # the Rust library raises a bare Exception for a file it cannot parse
+            raise UserError(f"{path / TOKENIZER_FILE} cannot be read as a tokenizer ({' '.join(str(e).split())}); "
+                            f"restore it from the model's source") from None
         config: dict[str, Any] = {}
         if (path / CONFIG_FILE).is_file():
-            with open(path / CONFIG_FILE, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(path / CONFIG_FILE, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise UserError(f"{path / CONFIG_FILE} is not valid JSON ({e}); restore it from the model's "
+                                f"source") from None
+            if not isinstance(config, dict):
+                raise UserError(f"{path / CONFIG_FILE} must hold a JSON object, got {type(config).__name__}")
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

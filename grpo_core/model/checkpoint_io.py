@@ -90,9 +90,10 @@ def iter_shards(path: str | os.PathLike, check: bool = True) -> Iterator[dict[st
 SAFETENSORS_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 
-def check_weight_headers(path: str | os.PathLike) -> dict[str, str]:
-    """Read only the safetensors headers (no tensor data): {tensor name: dtype}. Raises WeightsError for a file
-    that is not safetensors or is truncated, and for a non-float tensor, naming both."""
+def check_weight_headers(path: str | os.PathLike, shapes: dict | None = None) -> dict[str, str]:
+    """Read only the safetensors headers (no tensor data): {tensor name: dtype}, and each tensor's shape into
+    `shapes` when given. Raises WeightsError for a file that is not safetensors or is truncated, and for a
+    non-float tensor, naming both."""
     import struct
 
     out: dict[str, str] = {}
@@ -119,6 +120,8 @@ def check_weight_headers(path: str | os.PathLike) -> dict[str, str]:
                                    f"weights only (casting would silently change the values): convert the checkpoint "
                                    f"to float16/bfloat16/float32")
             out[name] = dtype
+            if shapes is not None:
+                shapes[name] = (tuple(meta.get("shape") or ()), file.name)
     return out
 
 
