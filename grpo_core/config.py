@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,11 @@ class ConfigError(ValueError):
 
 def _fail(key: str, msg: str) -> None:
     raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _expand(path: str) -> str:
+    """A path as the shell would give it: '~' and '~user' expanded (a literal './~' directory is never made)."""
+    return os.path.expanduser(path) if path.startswith("~") else path
 
 
 @dataclass
@@ -43,6 +49,7 @@ class ModelConfig:
     fused_lm_head_loss: bool = False
 
     def validate(self, p: str) -> None:
+        self.path = _expand(self.path)
         for name in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_heads", "tiny_num_kv_heads", "tiny_intermediate_size"):
             if getattr(self, name) <= 0:
                 _fail(f"{p}.{name}", "must be > 0")
@@ -69,6 +76,8 @@ class DataConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the chat template (enable_thinking)
 
     def validate(self, p: str) -> None:
+        self.train_files = [_expand(f) for f in self.train_files]
+        self.eval_files = [_expand(f) for f in self.eval_files]
         if not self.prompt_key or any(not part for part in self.prompt_key.split(".")):
             _fail(f"{p}.prompt_key", f"must be a field name or dotted path, got {self.prompt_key!r}")
         if self.answer_key and any(not part for part in self.answer_key.split(".")):
@@ -320,6 +329,9 @@ class TrainerConfig:
             _fail(f"{p}.min_lr_ratio", "must be in [0, 1]")
         if not self.output_dir:
             _fail(f"{p}.output_dir", "must not be empty")
+        self.output_dir = _expand(self.output_dir)
+        if self.output_dir.startswith("~"):
+            _fail(f"{p}.output_dir", f"'{self.output_dir}': unknown user in '~'; give the path in full")
         if self.seed < 0:
             _fail(f"{p}.seed", "must be >= 0")
         if self.train_batch_prompts % self.mini_batches:
