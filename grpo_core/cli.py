@@ -96,6 +96,8 @@ def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split("\n")).strip() if str(e) else type(e).__name__
     if _is_disk_error(e):
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        if e.errno in (errno.EACCES, errno.EPERM):  # a read or a write: say only what is known
+            return f"permission denied{' on' + where if where else ''} (this user may not read or write it)"
         return f"cannot write{where}: {os.strerror(e.errno).lower()}"
     return text
 

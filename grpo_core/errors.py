@@ -3,6 +3,8 @@
 A traceback is kept for genuine bugs (and for every error with `--debug`)."""
 from __future__ import annotations
 
+import contextlib
+
 # Exit codes of `grpo train` / `eval` / `data`.
 EXIT_OK = 0
 EXIT_USER_ERROR = 2  # bad config, data, model dir, checkpoint, output dir, disk
@@ -33,3 +35,15 @@ class DiskError(UserError):
 
 class NonFiniteError(UserError):
     """Non-finite weights at load, or too many consecutive non-finite optimizer steps."""
+
+
+@contextlib.contextmanager
+def naming(path):
+    """Give an OSError raised in the block `path` as its filename when it has none (write() and close()
+    failures carry no name), so that "disk full" says where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise

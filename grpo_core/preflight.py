@@ -138,9 +138,11 @@ def check_data_file(path: str, key: str) -> None:
     p = Path(path)
     if not p.exists():
         raise PreflightError(f"{key}: '{path}' not found")
-    if not p.is_file():
+    if p.is_dir():  # a partitioned parquet dataset: read_records below reads it whole
+        pass
+    elif not p.is_file():
         raise PreflightError(f"{key}: '{path}' is not a file")
-    if p.stat().st_size == 0:
+    elif p.stat().st_size == 0:
         raise PreflightError(f"{key}: '{path}' is empty")
     from grpo_core.data.io import DataError, read_records
 

@@ -96,3 +96,164 @@ def test_model_dir_parts_that_disagree_are_one_line_in_train_and_eval(model_copy
     data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
     line = _one_line_error(capsys, ["eval", str(model_copy), str(data), "--k", "1", "--out", str(tmp_path / "ev")])
     assert said in line and "CHECKPOINT" in line and not (tmp_path / "ev").exists()
+
+
+# ------------------------------------------------------------------------------- outputs: the user's files
+
+def test_make_synthetic_never_replaces_existing_files_without_force(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "test.jsonl").write_text("the user's own\n")
+    argv = ["data", "make-synthetic", "--out", str(out), "--n-train", "6", "--n-test", "3", "--kinds", "arith",
+            "--format", "jsonl"]
+    line = _one_line_error(capsys, argv)
+    assert "--force" in line and "test.jsonl" in line
+    assert (out / "test.jsonl").read_text() == "the user's own\n" and not (out / "train.jsonl").exists()
+    assert main(argv + ["--force"]) == 0 and (out / "test.jsonl").read_text() != "the user's own\n"
+
+
+def test_output_dir_holding_the_users_folders_is_refused_and_nothing_moved(tmp_path, capsys, monkeypatch):
+    """A folder named like a run artefact (data/, tb/) does not make a directory a previous run: only the
+    marker a run writes does; nothing is moved, with or without --force."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.csv").write_text("1\n")
+    (tmp_path / "src").mkdir()
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--force"], ["--resume", "auto"]):
+        line = _one_line_error(capsys, ["train", str(_ROOT / "configs/demo_cpu.yaml"), "--set",
+                                        "trainer.output_dir=.", *extra])
+        assert "trainer.output_dir" in line and "nothing was moved" in line or "no checkpoint" in line, line
+        assert sorted(str(p) for p in tmp_path.rglob("*") if ".grpo-lock" not in str(p)) == before
+
+
+def test_force_moves_only_what_a_run_wrote(tmp_path):
+    from grpo_core.outdir import MARKER_NAME, claim_output_dir
+
+    out = tmp_path / "run"
+    claim_output_dir(out, resume="none", force=False).release()  # a run claimed it: marker written
+    assert (out / MARKER_NAME).exists()
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / "my_notes.md").write_text("mine\n")
+    (out / "src").mkdir()
+    claim_output_dir(out, resume="none", force=True, say=lambda m: None).release()
+    archived = next(out.glob("previous-*"))
+    assert (archived / "metrics.jsonl").exists()
+    assert (out / "my_notes.md").read_text() == "mine\n" and (out / "src").is_dir()
+
+
+def test_tilde_paths_are_expanded_everywhere(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["trainer.output_dir=~/runs/x", "model.path=~/m", "data.train_files=[~/a.jsonl]",
+                             "data.eval_files=[~/b.jsonl]"])
+    assert cfg.trainer.output_dir == f"{tmp_path}/runs/x" and cfg.model.path == f"{tmp_path}/m"
+    assert cfg.data.train_files == [f"{tmp_path}/a.jsonl"] and cfg.data.eval_files == [f"{tmp_path}/b.jsonl"]
+    with pytest.raises(ConfigError, match="trainer.output_dir"):
+        load_config(None, ["trainer.output_dir=~no_such_user_zz/x"])
+
+
+def test_eval_out_that_is_a_file_is_refused_before_evaluating(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    mine = tmp_path / "report.txt"
+    mine.write_text("mine\n")
+    line = _one_line_error(capsys, ["eval", str(tiny_dir), str(data), "--k", "1", "--out", str(mine)])
+    assert "--out" in line and mine.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EDQUOT", "EROFS"])
+def test_disk_full_while_writing_names_the_path(tmp_path, errno_name):
+    import errno
+    import os
+
+    from grpo_core.cli import _one_line
+    from grpo_core.errors import naming
+    from grpo_core.model import checkpoint_io
+
+    code = getattr(errno, errno_name)
+    with pytest.raises(OSError) as info, naming(tmp_path / "metrics.jsonl"):
+        raise OSError(code, os.strerror(code))  # what write() / close() raise: no file name
+    assert _one_line(info.value).startswith(f"cannot write {tmp_path / 'metrics.jsonl'}: ")
+
+    def full(*a, **k):
+        raise RuntimeError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+
+    import torch
+
+    orig = checkpoint_io.save_file
+    checkpoint_io.save_file = full
+    try:
+        with pytest.raises(OSError) as info:
+            checkpoint_io.write_weights(tmp_path, {"w": torch.zeros(2)}, 1 << 20)
+    finally:
+        checkpoint_io.save_file = orig
+    assert info.value.errno == code and info.value.filename == str(tmp_path / "model.safetensors")
+
+
+# ------------------------------------------------------------------------------- data the run reads
+
+def test_partitioned_parquet_directory_is_read_as_one_dataset(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from grpo_core.data.io import read_records
+    from grpo_core.preflight import check_data_file
+
+    ds = tmp_path / "ds"
+    (ds / "split=a").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"prompt": "1+1=", "answer": "2"}] * 3), ds / "split=a" / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist([{"prompt": "2+2=", "answer": "4"}] * 2), ds / "part-1.parquet")
+    rows, _ = read_records(ds)
+    assert len(rows) == 5
+    check_data_file(str(ds), "data.train_files")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="no .parquet files"):
+        read_records(tmp_path / "empty")
+
+
+def test_unreadable_file_is_reported_as_unreadable(tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    from grpo_core.cli import _one_line
+    from grpo_core.data.io import DataError, read_records
+
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"prompt": "q", "answer": "1"}\n')
+
+    def denied(self, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(DataError, match="x.jsonl: cannot read: Permission denied"):
+        read_records(f)
+    line = _one_line(PermissionError(errno.EACCES, "Permission denied", str(f)))
+    assert not line.startswith("cannot write") and line.startswith("permission denied") and str(f) in line
+
+
+def test_verl_ground_truth_of_any_json_type_reaches_the_custom_reward_as_stored(tmp_path):
+    from grpo_core.data.io import read_records, write_dataset
+    from grpo_core.data.schema import rows_to_samples
+
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "reward_model": {"ground_truth": gt}}
+            for gt in (7, 2.5, [1, 2], {"a": 1}, "x")]
+    path = write_dataset(rows, tmp_path / "v.jsonl")
+    _, samples = rows_to_samples(*read_records(path), path, uid_prefix="v")
+    assert [s.gold for s in samples] == [7, 2.5, [1, 2], {"a": 1}, "x"]
+    assert [s.answer for s in samples] == ["7", "2.5", "[1, 2]", '{"a": 1}', "x"]
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "a\ud800b", "answer": "1"},
+    {"prompt": "q", "answer": "\udfff"},
+    {"prompt": [{"role": "user", "content": "x\udc80"}], "reward_model": {"ground_truth": "1"}},
+])
+def test_lone_surrogates_are_refused_by_validate_naming_row_and_field(tmp_path, capsys, row):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    rc = main(["data", "validate", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "row 0" in err and "lone surrogate" in err and "Traceback" not in err
+
+
+_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

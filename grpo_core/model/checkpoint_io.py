@@ -149,6 +149,19 @@ def plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[
     return shards
 
 
+def _save_file(shard: dict, path: Path) -> None:
+    """safetensors' save_file, with its I/O failures (a Rust error carrying "os error N") raised as the OSError
+    they are, naming the file, so that disk full or read-only is reported like any other write."""
+
+    try:
+        save_file(shard, str(path), metadata={"format": "pt"})
+    except Exception as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
     """Write safetensors shard(s) (+ index when more than one) into `directory`; returns the file names."""
     shards = plan_shards(tensors, max_shard_bytes)
@@ -160,7 +173,7 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
     for name, keys in zip(names, shards):
         # One shard at a time on the CPU: a gathered ZeRO-3 state dict may live on the GPU.
         shard = {k: tensors[k].detach().to("cpu").contiguous() for k in keys}
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        _save_file(shard, directory / name)
         follow_umask(directory / name)  # safetensors writes 0600
         weight_map.update({k: name for k in keys})
         del shard
@@ -173,7 +186,9 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
 
 
 def write_json(file: Path, obj: dict) -> None:
-    with open(file, "w", encoding="utf-8") as f:
+    from grpo_core.errors import naming
+
+    with naming(file), open(file, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
 
