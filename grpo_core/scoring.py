@@ -42,6 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 from grpo_core.errors import UserError
 
 BUILTIN_SCORERS = ("math", "code", "ttrl")
+MAX_REWARD = 1e6  # = grpo_core.config.MAX_REWARD (not imported: worker processes stay light)
 
 
 class RewardFunctionError(UserError):
@@ -163,6 +164,8 @@ def _normalize(out: Any) -> tuple[float, dict]:
     score = float(out)
     if not math.isfinite(score):
         raise ValueError(f"custom reward returned a non-finite score {score}")
+    if abs(score) > MAX_REWARD:  # the group statistics of such rewards overflow to NaN advantages
+        raise ValueError(f"custom reward returned {score:g}, outside [-{MAX_REWARD:g}, {MAX_REWARD:g}]; scale it down")
     return score, extras
 
 

@@ -351,3 +351,14 @@ def test_cli_refuses_a_bad_reward_before_writing_anything(tmp_path, hostile_file
         err = capsys.readouterr().err
         assert rc == 2 and "reward.custom_function" in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_huge_scores_are_errors_not_nan_advantages(tmp_path):
+    path = tmp_path / "big.py"
+    path.write_text("def f(d, s, g, e=None):\n    return 1e308 if s == 'a' else 5.0\n")
+    scorer = _scorer(f"reward.custom_function={path}:f")
+    try:
+        res = scorer.score(["a", "b"], ["x", "x"], [0, 0], rows=_rows(2))
+    finally:
+        scorer.close()
+    assert res[0].error and res[0].score == 0.0 and res[1].score == 5.0
