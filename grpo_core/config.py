@@ -53,8 +53,16 @@ class ModelConfig:
         for name in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_heads", "tiny_num_kv_heads", "tiny_intermediate_size"):
             if getattr(self, name) <= 0:
                 _fail(f"{p}.{name}", "must be > 0")
+        for name, most in (("tiny_hidden_size", 16384), ("tiny_num_layers", 512), ("tiny_num_heads", 256),
+                           ("tiny_intermediate_size", 65536)):
+            if getattr(self, name) > most:
+                _fail(f"{p}.{name}", f"must be <= {most} for the project's tiny model, got {getattr(self, name)} "
+                      "(for a real model set model.path)")
         if self.tiny_hidden_size % self.tiny_num_heads:
             _fail(f"{p}.tiny_hidden_size", "must be divisible by tiny_num_heads")
+        if (self.tiny_hidden_size // self.tiny_num_heads) % 2:
+            _fail(f"{p}.tiny_num_heads", f"must leave an even head size (tiny_hidden_size / tiny_num_heads = "
+                  f"{self.tiny_hidden_size // self.tiny_num_heads}; rotary embeddings rotate pairs)")
         if self.tiny_num_heads % self.tiny_num_kv_heads:
             _fail(f"{p}.tiny_num_kv_heads", "must divide tiny_num_heads")
 
@@ -115,6 +123,8 @@ class DataConfig:
 
 
 MAX_GROUP_SIZE = 1024  # rollout.group_size bound (see RolloutConfig.validate)
+MAX_RESPONSES_PER_STEP = 1 << 16  # rollout.group_size x trainer.train_batch_prompts bound
+MAX_WORKERS = 256  # reward.verifier_workers bound (processes)
 MAX_REWARD = 1e6  # bound on |reward| values: advantage normalisation squares differences of rewards
 
 
@@ -199,8 +209,8 @@ class RewardConfig:
             _fail(f"{p}.code_timeout_s", "must be > 0")
         if self.custom_error_limit < 1:
             _fail(f"{p}.custom_error_limit", "must be >= 1")
-        if self.verifier_workers < 0:
-            _fail(f"{p}.verifier_workers", "must be >= 0")
+        if not 0 <= self.verifier_workers <= MAX_WORKERS:
+            _fail(f"{p}.verifier_workers", f"must be in [0, {MAX_WORKERS}] (worker processes), got {self.verifier_workers}")
         if self.verifier_timeout_s <= 0:
             _fail(f"{p}.verifier_timeout_s", "must be > 0")
         if self.overlong_cache_len < 1:
@@ -281,8 +291,8 @@ class WarmStartConfig:
             _fail(f"{p}.steps", "must be >= 0")
         if not 0 < self.lr <= 1:
             _fail(f"{p}.lr", f"must be in (0, 1], got {self.lr:g} (Adam learning rates are typically 1e-4 to 1e-2 here)")
-        if self.batch_size < 1:
-            _fail(f"{p}.batch_size", "must be >= 1")
+        if not 1 <= self.batch_size <= 4096:
+            _fail(f"{p}.batch_size", f"must be in [1, 4096] (sequences per warm-start step), got {self.batch_size}")
 
 
 @dataclass
@@ -410,6 +420,10 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
         a = self.algorithm
+        responses = self.rollout.group_size * self.trainer.train_batch_prompts
+        if responses > MAX_RESPONSES_PER_STEP:
+            _fail("trainer.train_batch_prompts", f"x rollout.group_size = {responses} responses per step; must be <= "
+                  f"{MAX_RESPONSES_PER_STEP} (recipes use 64-8192)")
         if self.model.fused_lm_head_loss:
             coupled = [name for name, on in (("algorithm.policy_loss=gspo", a.policy_loss == "gspo"),
                                              ("algorithm.fipo", a.fipo), ("algorithm.tis", a.tis != "off")) if on]

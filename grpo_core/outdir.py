@@ -17,6 +17,7 @@ run (checkpoints, metrics) is refused whatever the flags.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import socket
@@ -181,7 +182,13 @@ def claim_output_dir(output_dir: str | Path, *, resume: str, force: bool, say=pr
     d = Path(output_dir)
     if d.exists() and not d.is_dir():
         raise OutputDirError(f"trainer.output_dir {d} exists and is not a directory")
-    lock = RunLock(d).acquire()
+    try:
+        lock = RunLock(d).acquire()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise  # disk full or read-only: reported as such, naming the path
+        raise OutputDirError(f"trainer.output_dir {d} cannot be created or locked: {e.strerror} ({e.filename or d}); "
+                             f"set another trainer.output_dir") from None
     try:
         _check_previous(d, lock, resume=resume, force=force, say=say)
         write_marker(d)

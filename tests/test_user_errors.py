@@ -41,6 +41,11 @@ def _one_line_error(capsys, argv) -> str:
     ("reward.correct=1e308", "reward.correct"),
     ("reward.incorrect=-1e9", "reward.incorrect"),
     ("trainer.seed=-1", "trainer.seed"),
+    ("trainer.train_batch_prompts=100000", "trainer.train_batch_prompts"),
+    ("warm_start.batch_size=1000000", "warm_start.batch_size"),
+    ("model.tiny_num_layers=100000", "model.tiny_num_layers"),
+    ("model.tiny_num_heads=64", "model.tiny_num_heads"),
+    ("reward.verifier_workers=100000", "reward.verifier_workers"),
 ])
 def test_values_the_run_cannot_use_are_config_errors(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -125,6 +130,13 @@ def test_output_dir_holding_the_users_folders_is_refused_and_nothing_moved(tmp_p
                                         "trainer.output_dir=.", *extra])
         assert "trainer.output_dir" in line and "nothing was moved" in line or "no checkpoint" in line, line
         assert sorted(str(p) for p in tmp_path.rglob("*") if ".grpo-lock" not in str(p)) == before
+
+
+def test_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for bad in ("/proc/grpo_nope", f"{tmp_path}/file/sub"):
+        line = _one_line_error(capsys, ["train", "configs/demo_cpu.yaml", "--set", f"trainer.output_dir={bad}"])
+        assert "trainer.output_dir" in line and bad in line
 
 
 def test_force_moves_only_what_a_run_wrote(tmp_path):
