@@ -310,7 +310,11 @@ def run_eval(args, ks: list[int], n: int) -> tuple[dict, str]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = Tokenizer.from_pretrained(checkpoint)
     try:
-        data = PromptDataset([str(Path(f).expanduser()) for f in args.data], tokenizer, prompt_template=template, max_prompt_tokens=None,
+        from grpo_core.run_setup import _context_tokens
+
+        context = _context_tokens(checkpoint)  # a prompt must leave room to generate
+        data = PromptDataset([str(Path(f).expanduser()) for f in args.data], tokenizer, prompt_template=template,
+                             max_prompt_tokens=context - 1 if context else None,
                              allow_unlabeled=False)
     except (DataError, FileNotFoundError) as e:
         raise EvalError(str(e)) from e

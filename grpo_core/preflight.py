@@ -38,6 +38,9 @@ def check_model_dir(path: str, key: str = "model.path"):
         args = ModelArgs.from_hf_config(checkpoint_io.read_config(p))
     except (ValueError, KeyError, TypeError) as e:
         raise PreflightError(f"{key} '{path}': config.json cannot be used: {e}") from None
+    if args.max_position_embeddings < 2:
+        raise PreflightError(f"{key} '{path}': config.json max_position_embeddings={args.max_position_embeddings} "
+                             f"leaves no room for a prompt and a response")
     shapes: dict = {}
     try:
         names = checkpoint_io.check_weight_headers(p, shapes)

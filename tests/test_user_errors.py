@@ -77,6 +77,12 @@ def model_copy(tiny_dir, tmp_path):
     return dst
 
 
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
 def _edit_config(model_dir, **changes):
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg.update(changes)
@@ -90,6 +96,9 @@ def _edit_config(model_dir, **changes):
     (lambda d: (d / "tokenizer.json").write_text("{not json"), "cannot be read as a tokenizer"),
     (lambda d: (d / "tokenizer.json").write_text("[1, 2]"), "cannot be read as a tokenizer"),
     (lambda d: (d / "tokenizer_config.json").write_text("{oops"), "tokenizer_config.json is not valid JSON"),
+    (lambda d: _edit_json(d / "tokenizer_config.json", chat_template=5), "chat template"),
+    (lambda d: _edit_json(d / "tokenizer_config.json", chat_template="{% for %}"), "cannot be compiled"),
+    (lambda d: _edit_config(d, max_position_embeddings=1), "leaves no room"),
 ])
 def test_model_dir_parts_that_disagree_are_one_line_in_train_and_eval(model_copy, tmp_path, capsys, damage, said):
     damage(model_copy)
@@ -269,3 +278,14 @@ def test_lone_surrogates_are_refused_by_validate_naming_row_and_field(tmp_path, 
 
 
 _ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_chat_template_that_refuses_a_prompt_is_a_user_error(model_copy):
+    from grpo_core.errors import UserError
+    from grpo_core.tokenizer import Tokenizer
+
+    _edit_json(model_copy / "tokenizer_config.json",
+               chat_template="{% if messages[0].role == 'system' %}{{ raise_exception('no system role') }}{% endif %}x")
+    tok = Tokenizer.from_pretrained(model_copy)
+    with pytest.raises(UserError, match="no system role"):
+        tok.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}])
