@@ -40,10 +40,19 @@ class NonFiniteError(UserError):
 @contextlib.contextmanager
 def naming(path):
     """Give an OSError raised in the block `path` as its filename when it has none (write() and close()
-    failures carry no name), so that "disk full" says where."""
+    failures carry no name), so that "disk full" says where. A native library's I/O error (safetensors',
+    tokenizers': a bare exception whose text ends in "(os error N)") becomes the OSError it is."""
+    import os
+    import re
+
     try:
         yield
     except OSError as e:
         if e.filename is None and e.errno is not None:
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None

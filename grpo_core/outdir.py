@@ -84,6 +84,11 @@ class RunLock:
         except BlockingIOError:
             info = _read_info(fd)
             os.close(fd)
+            if not info.get("pid"):  # the run that wrote it has released it, yet a process holds the flock
+                raise OutputDirError(
+                    f"output_dir {self.dir} is locked by a process that is not a grpo run (one that inherited the "
+                    f"lock, e.g. a child left behind by an earlier run); find it with `fuser -v {self.path}`, end "
+                    f"it, and start again") from None
             raise OutputDirError(
                 f"output_dir {self.dir} is in use by another run: {_holder_text(info)}; wait for it to finish, "
                 f"stop it, or set another trainer.output_dir") from None

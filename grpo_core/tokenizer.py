@@ -19,7 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _BackendTokenizer
 
-from grpo_core.errors import UserError
+from grpo_core.errors import UserError, naming
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -124,11 +124,12 @@ class Tokenizer:
         """Write tokenizer.json and tokenizer_config.json (template inline, as transformers 4.x reads it)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(path / TOKENIZER_FILE))
+        with naming(path / TOKENIZER_FILE):
+            self.backend.save(str(path / TOKENIZER_FILE))
         config = dict(self.config)
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        with open(path / CONFIG_FILE, "w", encoding="utf-8") as f:
+        with naming(path / CONFIG_FILE), open(path / CONFIG_FILE, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
             f.write("\n")
 

@@ -289,3 +289,34 @@ def test_chat_template_that_refuses_a_prompt_is_a_user_error(model_copy):
     tok = Tokenizer.from_pretrained(model_copy)
     with pytest.raises(UserError, match="no system role"):
         tok.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}])
+
+
+def test_a_lock_held_by_a_leftover_child_names_the_way_out(tmp_path):
+    """A process that inherited the lock (a child an earlier run left behind) is not called 'pid None'."""
+    import os
+    import time
+
+    from grpo_core.errors import OutputDirError
+    from grpo_core.outdir import RunLock
+
+    lock = RunLock(tmp_path).acquire()
+    pid = os.fork()
+    if pid == 0:  # the leftover child: holds the inherited flock
+        time.sleep(30)
+        os._exit(0)
+    try:
+        lock.release()  # the run ended (its file emptied) but the child still holds the lock
+        os.close(os.open(tmp_path / ".grpo-lock", os.O_RDONLY))
+        with pytest.raises(OutputDirError, match="not a grpo run.*fuser"):
+            RunLock(tmp_path).acquire()
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+
+
+def test_native_write_errors_become_os_errors_naming_the_file(tmp_path):
+    from grpo_core.errors import naming
+
+    with pytest.raises(OSError) as info, naming(tmp_path / "tokenizer.json"):
+        raise Exception("No space left on device (os error 28)")
+    assert info.value.errno == 28 and info.value.filename == str(tmp_path / "tokenizer.json")

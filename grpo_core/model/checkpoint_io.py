@@ -152,14 +152,10 @@ def plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[
 def _save_file(shard: dict, path: Path) -> None:
     """safetensors' save_file, with its I/O failures (a Rust error carrying "os error N") raised as the OSError
     they are, naming the file, so that disk full or read-only is reported like any other write."""
+    from grpo_core.errors import naming
 
-    try:
+    with naming(path):
         save_file(shard, str(path), metadata={"format": "pt"})
-    except Exception as e:
-        code = re.search(r"os error (\d+)", str(e))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
