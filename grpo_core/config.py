@@ -175,8 +175,10 @@ class RewardConfig:
     bare_answer_max_chars: int = 80  # a response this short with no boxed/phrase answer is itself the answer (0 = off)
     overlong_shaping: bool = False  # DAPO soft overlong punishment (docs/algorithms.md §2)
     overlong_cache_len: int = 64  # L_cache in tokens; L_max is rollout.max_new_tokens
-    verifier_workers: int = 0  # verifier worker processes (0 = in-process, size-bounded)
-    verifier_timeout_s: float = 2.0  # wall-clock bound per verified item in the worker pool
+    # verifier worker processes (0 = math verified in-process, size-bounded; custom functions always run in
+    # max(1, verifier_workers) killable worker processes)
+    verifier_workers: int = 0
+    verifier_timeout_s: float = 2.0  # wall-clock bound per verified item / custom-function call in a worker
     # "PATH.py:NAME" or "package.module:NAME", verl's signature NAME(data_source, solution_str, ground_truth,
     # extra_info=None) -> float | {"score": float, ...}; when set it scores every row not routed by by_source.
     custom_function: str = ""

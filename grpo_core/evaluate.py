@@ -242,7 +242,8 @@ def check_eval_args(args) -> tuple[list[int], int]:
         raise EvalError(f"--max-prompts must be >= 1, got {args.max_prompts}")
     if args.seed < 0:
         raise EvalError(f"--seed must be >= 0, got {args.seed}")
-    out = Path(args.out).expanduser() if args.out else Path(args.checkpoint) / "eval"
+    out_arg, checkpoint = getattr(args, "out", None), getattr(args, "checkpoint", None)
+    out = Path(out_arg).expanduser() if out_arg else Path(checkpoint or ".") / "eval"
     if out.exists() and not out.is_dir():  # known now, not after the whole evaluation
         raise EvalError(f"--out {out} is a file; --out names a folder for eval.json and eval.md")
     if any(p.exists() and not p.is_dir() for p in out.parents):
