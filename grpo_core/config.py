@@ -95,10 +95,10 @@ class DataConfig:
                 _fail(f"{p}.chat_template_kwargs", f"keys must be identifiers, got {k!r}")
         if self.max_prompt_tokens <= 0:
             _fail(f"{p}.max_prompt_tokens", "must be > 0")
-        if self.synthetic_train_size <= 0:
-            _fail(f"{p}.synthetic_train_size", "must be > 0")
-        if self.synthetic_eval_size < 0:
-            _fail(f"{p}.synthetic_eval_size", "must be >= 0")
+        if not 0 < self.synthetic_train_size <= MAX_SYNTHETIC_ROWS:
+            _fail(f"{p}.synthetic_train_size", f"must be in [1, {MAX_SYNTHETIC_ROWS}], got {self.synthetic_train_size}")
+        if not 0 <= self.synthetic_eval_size <= MAX_SYNTHETIC_ROWS:
+            _fail(f"{p}.synthetic_eval_size", f"must be in [0, {MAX_SYNTHETIC_ROWS}], got {self.synthetic_eval_size}")
         if self.prompt_template and "{prompt}" not in self.prompt_template:
             _fail(f"{p}.prompt_template", "must contain '{prompt}'")
         if not self.train_files:
@@ -124,6 +124,7 @@ class DataConfig:
 
 MAX_GROUP_SIZE = 1024  # rollout.group_size bound (see RolloutConfig.validate)
 MAX_RESPONSES_PER_STEP = 1 << 16  # rollout.group_size x trainer.train_batch_prompts bound
+MAX_SYNTHETIC_ROWS = 1_000_000  # data.synthetic_*_size bound (generated at start-up)
 MAX_WORKERS = 256  # reward.verifier_workers bound (processes)
 MAX_REWARD = 1e6  # bound on |reward| values: advantage normalisation squares differences of rewards
 
@@ -263,8 +264,8 @@ class AlgorithmConfig:
             _fail(f"{p}.nsr_prob", "must be in [0, 1]")
         if self.nsr_band <= 0:
             _fail(f"{p}.nsr_band", "must be > 0")
-        if self.max_gen_batches < 1:
-            _fail(f"{p}.max_gen_batches", "must be >= 1")
+        if not 1 <= self.max_gen_batches <= 100:
+            _fail(f"{p}.max_gen_batches", f"must be in [1, 100] (generation rounds per step), got {self.max_gen_batches}")
         for name in ("entropy_coef", "kl_coef", "hidden_align_coef", "edas_alpha", "edas_beta"):
             if getattr(self, name) < 0:
                 _fail(f"{p}.{name}", "must be >= 0")
@@ -346,6 +347,8 @@ class TrainerConfig:
             _fail(f"{p}.output_dir", f"'{self.output_dir}': unknown user in '~'; give the path in full")
         if self.seed < 0:
             _fail(f"{p}.seed", "must be >= 0")
+        if self.ppo_epochs > 100:
+            _fail(f"{p}.ppo_epochs", f"must be <= 100 (passes over one rollout batch), got {self.ppo_epochs}")
         if self.train_batch_prompts % self.mini_batches:
             _fail(f"{p}.mini_batches", "must divide trainer.train_batch_prompts")
 

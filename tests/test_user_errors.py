@@ -46,6 +46,9 @@ def _one_line_error(capsys, argv) -> str:
     ("model.tiny_num_layers=100000", "model.tiny_num_layers"),
     ("model.tiny_num_heads=64", "model.tiny_num_heads"),
     ("reward.verifier_workers=100000", "reward.verifier_workers"),
+    ("data.synthetic_train_size=1000000000", "data.synthetic_train_size"),
+    ("algorithm.max_gen_batches=1000000", "algorithm.max_gen_batches"),
+    ("trainer.ppo_epochs=1000000", "trainer.ppo_epochs"),
 ])
 def test_values_the_run_cannot_use_are_config_errors(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -47,8 +47,11 @@ def _make_synthetic(args: argparse.Namespace) -> int:
     from grpo_core.tasks import make_train_test
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    if args.n_train <= 0 or args.n_test <= 0:
-        raise DataError(f"--n-train and --n-test must be positive, got {args.n_train} and {args.n_test}")
+    from grpo_core.config import MAX_SYNTHETIC_ROWS
+
+    if not (0 < args.n_train <= MAX_SYNTHETIC_ROWS and 0 < args.n_test <= MAX_SYNTHETIC_ROWS):
+        raise DataError(f"--n-train and --n-test must be in [1, {MAX_SYNTHETIC_ROWS}], got {args.n_train} and "
+                        f"{args.n_test}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a folder")
