@@ -95,10 +95,14 @@ class DataConfig:
                 _fail(f"{p}.chat_template_kwargs", f"keys must be identifiers, got {k!r}")
         if self.max_prompt_tokens <= 0:
             _fail(f"{p}.max_prompt_tokens", "must be > 0")
-        if not 0 < self.synthetic_train_size <= MAX_SYNTHETIC_ROWS:
-            _fail(f"{p}.synthetic_train_size", f"must be in [1, {MAX_SYNTHETIC_ROWS}], got {self.synthetic_train_size}")
-        if not 0 <= self.synthetic_eval_size <= MAX_SYNTHETIC_ROWS:
-            _fail(f"{p}.synthetic_eval_size", f"must be in [0, {MAX_SYNTHETIC_ROWS}], got {self.synthetic_eval_size}")
+        if self.synthetic_train_size <= 0:
+            _fail(f"{p}.synthetic_train_size", "must be > 0")
+        if self.synthetic_eval_size < 0:
+            _fail(f"{p}.synthetic_eval_size", "must be >= 0")
+        for name in ("synthetic_train_size", "synthetic_eval_size"):
+            if getattr(self, name) > MAX_SYNTHETIC_ROWS:
+                _fail(f"{p}.{name}", f"must be <= {MAX_SYNTHETIC_ROWS} (rows generated at start-up), got "
+                      f"{getattr(self, name)}")
         if self.prompt_template and "{prompt}" not in self.prompt_template:
             _fail(f"{p}.prompt_template", "must contain '{prompt}'")
         if not self.train_files:
