@@ -233,8 +233,13 @@ class CallPool:
     def _spawn(self):
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(target=_pool_worker, args=(child,), daemon=True)
-        proc.start()
-        child.close()
+        try:
+            proc.start()
+        except Exception as exc:  # e.g. the forkserver was killed, or no process can be started
+            raise RewardFunctionError(f"cannot start a custom-reward worker process ({type(exc).__name__}: "
+                                      f"{exc})") from None
+        finally:
+            child.close()
         return [proc, parent, None, 0.0]  # process, pipe, running index, start time
 
     def load(self, spec: str, check_signature: bool = False, timeout_s: float = LOAD_TIMEOUT_S) -> Optional[str]:
