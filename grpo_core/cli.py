@@ -96,6 +96,8 @@ def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split("\n")).strip() if str(e) else type(e).__name__
     if _is_disk_error(e):
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        if e.errno in (errno.EACCES, errno.EPERM):  # a read or a write: say only what is known
+            return f"permission denied{' on' + where if where else ''} (this user may not read or write it)"
         return f"cannot write{where}: {os.strerror(e.errno).lower()}"
     return text
 
@@ -135,6 +137,8 @@ def _train(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("GRPO_DEBUG") == "1"
+    if debug:
+        os.environ["GRPO_DEBUG"] = "1"  # worker processes (custom rewards) print full tracebacks too
     name = f"grpo {args.command}"
     try:
         if args.command == "train":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,11 @@ class ConfigError(ValueError):
 
 def _fail(key: str, msg: str) -> None:
     raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _expand(path: str) -> str:
+    """A path as the shell would give it: '~' and '~user' expanded (a literal './~' directory is never made)."""
+    return os.path.expanduser(path) if path.startswith("~") else path
 
 
 @dataclass
@@ -43,11 +49,20 @@ class ModelConfig:
     fused_lm_head_loss: bool = False
 
     def validate(self, p: str) -> None:
+        self.path = _expand(self.path)
         for name in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_heads", "tiny_num_kv_heads", "tiny_intermediate_size"):
             if getattr(self, name) <= 0:
                 _fail(f"{p}.{name}", "must be > 0")
+        for name, most in (("tiny_hidden_size", 16384), ("tiny_num_layers", 512), ("tiny_num_heads", 256),
+                           ("tiny_intermediate_size", 65536)):
+            if getattr(self, name) > most:
+                _fail(f"{p}.{name}", f"must be <= {most} for the project's tiny model, got {getattr(self, name)} "
+                      "(for a real model set model.path)")
         if self.tiny_hidden_size % self.tiny_num_heads:
             _fail(f"{p}.tiny_hidden_size", "must be divisible by tiny_num_heads")
+        if (self.tiny_hidden_size // self.tiny_num_heads) % 2:
+            _fail(f"{p}.tiny_num_heads", f"must leave an even head size (tiny_hidden_size / tiny_num_heads = "
+                  f"{self.tiny_hidden_size // self.tiny_num_heads}; rotary embeddings rotate pairs)")
         if self.tiny_num_heads % self.tiny_num_kv_heads:
             _fail(f"{p}.tiny_num_kv_heads", "must divide tiny_num_heads")
 
@@ -69,6 +84,8 @@ class DataConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the chat template (enable_thinking)
 
     def validate(self, p: str) -> None:
+        self.train_files = [_expand(f) for f in self.train_files]
+        self.eval_files = [_expand(f) for f in self.eval_files]
         if not self.prompt_key or any(not part for part in self.prompt_key.split(".")):
             _fail(f"{p}.prompt_key", f"must be a field name or dotted path, got {self.prompt_key!r}")
         if self.answer_key and any(not part for part in self.answer_key.split(".")):
@@ -82,8 +99,38 @@ class DataConfig:
             _fail(f"{p}.synthetic_train_size", "must be > 0")
         if self.synthetic_eval_size < 0:
             _fail(f"{p}.synthetic_eval_size", "must be >= 0")
+        for name in ("synthetic_train_size", "synthetic_eval_size"):
+            if getattr(self, name) > MAX_SYNTHETIC_ROWS:
+                _fail(f"{p}.{name}", f"must be <= {MAX_SYNTHETIC_ROWS} (rows generated at start-up), got "
+                      f"{getattr(self, name)}")
         if self.prompt_template and "{prompt}" not in self.prompt_template:
             _fail(f"{p}.prompt_template", "must contain '{prompt}'")
+        if not self.train_files:
+            self._validate_synthetic(p)
+
+    def _validate_synthetic(self, p: str) -> None:
+        """The synthetic tasks made when train_files is empty: known kinds, each knowing the level."""
+        from grpo_core.tasks.synthetic import TASKS
+
+        if not self.synthetic_kinds:
+            _fail(f"{p}.synthetic_kinds", "is empty and data.train_files is empty: nothing to train on; name "
+                  f"task kinds ({', '.join(TASKS)}) or set data.train_files")
+        for kind in self.synthetic_kinds:
+            if kind not in TASKS:
+                _fail(f"{p}.synthetic_kinds", f"unknown kind {kind!r}; known kinds: {', '.join(TASKS)}")
+        if len(set(self.synthetic_kinds)) != len(self.synthetic_kinds):
+            _fail(f"{p}.synthetic_kinds", f"repeats a kind: {self.synthetic_kinds}")
+        for kind in self.synthetic_kinds:
+            if self.synthetic_level not in TASKS[kind].levels:
+                _fail(f"{p}.synthetic_level", f"must be one of {list(TASKS[kind].levels)} for kind {kind!r}, got "
+                      f"{self.synthetic_level}")
+
+
+MAX_GROUP_SIZE = 1024  # rollout.group_size bound (see RolloutConfig.validate)
+MAX_RESPONSES_PER_STEP = 1 << 16  # rollout.group_size x trainer.train_batch_prompts bound
+MAX_SYNTHETIC_ROWS = 1_000_000  # data.synthetic_*_size bound (generated at start-up)
+MAX_WORKERS = 256  # reward.verifier_workers bound (processes)
+MAX_REWARD = 1e6  # bound on |reward| values: advantage normalisation squares differences of rewards
 
 
 @dataclass
@@ -101,8 +148,15 @@ class RolloutConfig:
     sleep_mode: bool = True  # vllm: release KV cache and weights while training
 
     def validate(self, p: str) -> None:
-        if self.group_size < 1:
-            _fail(f"{p}.group_size", "must be >= 1")
+        if self.group_size < 2:
+            _fail(f"{p}.group_size", f"must be >= 2, got {self.group_size}: advantages are relative to the other "
+                  "responses of a prompt, so with one response each they are all 0 and nothing trains")
+        if self.group_size > MAX_GROUP_SIZE:
+            _fail(f"{p}.group_size", f"must be <= {MAX_GROUP_SIZE}, got {self.group_size} (recipes use 4-64 "
+                  "samples per prompt; one step would generate group_size x trainer.train_batch_prompts responses)")
+        if any(not s for s in self.stop_strings):
+            _fail(f"{p}.stop_strings", f"must hold non-empty strings, got {self.stop_strings!r} (an empty stop "
+                  "string would end every response at once)")
         if self.temperature <= 0:
             _fail(f"{p}.temperature", "must be > 0 (the trainer's logprobs divide by it; for greedy held-out "
                   "evaluation set trainer.eval_greedy: true)")
@@ -126,8 +180,10 @@ class RewardConfig:
     bare_answer_max_chars: int = 80  # a response this short with no boxed/phrase answer is itself the answer (0 = off)
     overlong_shaping: bool = False  # DAPO soft overlong punishment (docs/algorithms.md §2)
     overlong_cache_len: int = 64  # L_cache in tokens; L_max is rollout.max_new_tokens
-    verifier_workers: int = 0  # verifier worker processes (0 = in-process, size-bounded)
-    verifier_timeout_s: float = 2.0  # wall-clock bound per verified item in the worker pool
+    # verifier worker processes (0 = math verified in-process, size-bounded; custom functions always run in
+    # max(1, verifier_workers) killable worker processes)
+    verifier_workers: int = 0
+    verifier_timeout_s: float = 2.0  # wall-clock bound per verified item / custom-function call in a worker
     # "PATH.py:NAME" or "package.module:NAME", verl's signature NAME(data_source, solution_str, ground_truth,
     # extra_info=None) -> float | {"score": float, ...}; when set it scores every row not routed by by_source.
     custom_function: str = ""
@@ -148,12 +204,20 @@ class RewardConfig:
                 _fail(f"{p}.{key}", problem)
         if self.custom_function and self.default != "math":
             _fail(f"{p}.default", "set either reward.custom_function or reward.default, not both")
+        for name in ("correct", "incorrect", "format_reward"):
+            if abs(getattr(self, name)) > MAX_REWARD:
+                _fail(f"{p}.{name}", f"must be within [-{MAX_REWARD:g}, {MAX_REWARD:g}], got {getattr(self, name):g} "
+                      "(advantages normalise differences of rewards; scale them down)")
+        if self.correct <= self.incorrect:
+            _fail(f"{p}.correct", f"must be greater than reward.incorrect ({self.correct:g} <= {self.incorrect:g}): "
+                  "the run would learn to be wrong" + (" (or nothing, when equal)" if self.correct == self.incorrect
+                                                       else ""))
         if self.code_timeout_s <= 0:
             _fail(f"{p}.code_timeout_s", "must be > 0")
         if self.custom_error_limit < 1:
             _fail(f"{p}.custom_error_limit", "must be >= 1")
-        if self.verifier_workers < 0:
-            _fail(f"{p}.verifier_workers", "must be >= 0")
+        if not 0 <= self.verifier_workers <= MAX_WORKERS:
+            _fail(f"{p}.verifier_workers", f"must be in [0, {MAX_WORKERS}] (worker processes), got {self.verifier_workers}")
         if self.verifier_timeout_s <= 0:
             _fail(f"{p}.verifier_timeout_s", "must be > 0")
         if self.overlong_cache_len < 1:
@@ -204,13 +268,19 @@ class AlgorithmConfig:
             _fail(f"{p}.nsr_prob", "must be in [0, 1]")
         if self.nsr_band <= 0:
             _fail(f"{p}.nsr_band", "must be > 0")
-        if self.max_gen_batches < 1:
-            _fail(f"{p}.max_gen_batches", "must be >= 1")
+        if not 1 <= self.max_gen_batches <= 100:
+            _fail(f"{p}.max_gen_batches", f"must be in [1, 100] (generation rounds per step), got {self.max_gen_batches}")
         for name in ("entropy_coef", "kl_coef", "hidden_align_coef", "edas_alpha", "edas_beta"):
             if getattr(self, name) < 0:
                 _fail(f"{p}.{name}", "must be >= 0")
-        if self.edas_kappa <= 0:
-            _fail(f"{p}.edas_kappa", "must be > 0")
+        if self.edas_kappa < 1:
+            _fail(f"{p}.edas_kappa", "must be >= 1 (so that the shift keeps the sign of the advantage)")
+        if self.adv_eps < 0:
+            _fail(f"{p}.adv_eps", "must be >= 0")
+        if self.fipo_tau <= 0:
+            _fail(f"{p}.fipo_tau", "must be > 0 (a half-life in tokens)")
+        if self.fipo_eps < 0:
+            _fail(f"{p}.fipo_eps", "must be >= 0")
         if self.tis_clip <= 0:
             _fail(f"{p}.tis_clip", "must be > 0")
         if not self.hidden_align_marker:
@@ -234,8 +304,8 @@ class WarmStartConfig:
             _fail(f"{p}.steps", "must be >= 0")
         if not 0 < self.lr <= 1:
             _fail(f"{p}.lr", f"must be in (0, 1], got {self.lr:g} (Adam learning rates are typically 1e-4 to 1e-2 here)")
-        if self.batch_size < 1:
-            _fail(f"{p}.batch_size", "must be >= 1")
+        if not 1 <= self.batch_size <= 4096:
+            _fail(f"{p}.batch_size", f"must be in [1, 4096] (sequences per warm-start step), got {self.batch_size}")
         if not 0 <= self.target_accuracy <= 1:
             _fail(f"{p}.target_accuracy", f"must be in [0, 1] (0 = off), got {self.target_accuracy:g}")
         if self.check_every < 1:
@@ -288,6 +358,13 @@ class TrainerConfig:
             _fail(f"{p}.min_lr_ratio", "must be in [0, 1]")
         if not self.output_dir:
             _fail(f"{p}.output_dir", "must not be empty")
+        self.output_dir = _expand(self.output_dir)
+        if self.output_dir.startswith("~"):
+            _fail(f"{p}.output_dir", f"'{self.output_dir}': unknown user in '~'; give the path in full")
+        if self.seed < 0:
+            _fail(f"{p}.seed", "must be >= 0")
+        if self.ppo_epochs > 100:
+            _fail(f"{p}.ppo_epochs", f"must be <= 100 (passes over one rollout batch), got {self.ppo_epochs}")
         if self.train_batch_prompts % self.mini_batches:
             _fail(f"{p}.mini_batches", "must divide trainer.train_batch_prompts")
 
@@ -364,6 +441,10 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
         a = self.algorithm
+        responses = self.rollout.group_size * self.trainer.train_batch_prompts
+        if responses > MAX_RESPONSES_PER_STEP:
+            _fail("trainer.train_batch_prompts", f"x rollout.group_size = {responses} responses per step; must be <= "
+                  f"{MAX_RESPONSES_PER_STEP} (recipes use 64-8192)")
         if self.model.fused_lm_head_loss:
             coupled = [name for name, on in (("algorithm.policy_loss=gspo", a.policy_loss == "gspo"),
                                              ("algorithm.fipo", a.fipo), ("algorithm.tis", a.tis != "off")) if on]

@@ -242,6 +242,12 @@ def check_eval_args(args) -> tuple[list[int], int]:
         raise EvalError(f"--max-prompts must be >= 1, got {args.max_prompts}")
     if args.seed < 0:
         raise EvalError(f"--seed must be >= 0, got {args.seed}")
+    out_arg, checkpoint = getattr(args, "out", None), getattr(args, "checkpoint", None)
+    out = Path(out_arg).expanduser() if out_arg else Path(checkpoint or ".") / "eval"
+    if out.exists() and not out.is_dir():  # known now, not after the whole evaluation
+        raise EvalError(f"--out {out} is a file; --out names a folder for eval.json and eval.md")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise EvalError(f"--out {out}: a parent of it is a file, not a folder")
     return ks, n
 
 
@@ -256,7 +262,7 @@ def eval_main(args) -> int:
     except EvalError as e:
         print(f"grpo eval: {e}", file=sys.stderr)
         return 2
-    out_dir = Path(args.out or Path(args.checkpoint) / "eval")
+    out_dir = Path(args.out).expanduser() if args.out else Path(args.checkpoint) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(report, title)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
@@ -278,9 +284,12 @@ def run_eval(args, ks: list[int], n: int) -> tuple[dict, str]:
     from grpo_core.run_setup import Scorer
     from grpo_core.tokenizer import Tokenizer
 
-    checkpoint = Path(args.checkpoint)
+    checkpoint = Path(args.checkpoint).expanduser()
     if not (checkpoint / "config.json").is_file():
         raise EvalError(f"CHECKPOINT {checkpoint} has no config.json (expected an HF-layout model directory)")
+    from grpo_core.preflight import check_model_dir
+
+    check_model_dir(str(checkpoint), key="CHECKPOINT")  # names, shapes, tokenizer: before any generation
     # --set KEY=VALUE (e.g. rollout.gpu_memory_utilization) and --engine (= --set rollout.engine=...), then ours.
     overrides = list(getattr(args, "overrides", None) or [])
     if getattr(args, "engine", None):
@@ -302,7 +311,11 @@ def run_eval(args, ks: list[int], n: int) -> tuple[dict, str]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = Tokenizer.from_pretrained(checkpoint)
     try:
-        data = PromptDataset(args.data, tokenizer, prompt_template=template, max_prompt_tokens=None,
+        from grpo_core.run_setup import _context_tokens
+
+        context = _context_tokens(checkpoint)  # a prompt must leave room to generate
+        data = PromptDataset([str(Path(f).expanduser()) for f in args.data], tokenizer, prompt_template=template,
+                             max_prompt_tokens=context - 1 if context else None,
                              allow_unlabeled=False)
     except (DataError, FileNotFoundError) as e:
         raise EvalError(str(e)) from e

@@ -6,13 +6,18 @@ messages). A second run on the same directory is refused in one line naming the 
 dead process on this host is taken over (with a note); one left by another host cannot be checked from here
 and is refused with the path to delete.
 
-A directory that holds a previous run (metrics, checkpoints, models written by a run) is only continued with
-`--resume`; a fresh start there is refused unless `--force`, which moves the old run into
-`<output_dir>/previous-<UTC time>/` (nothing is deleted).
+A run recognises its own directory by the marker file `<output_dir>/.grpo-run`, written once the directory
+is claimed (never by folder names alone). A directory that holds a previous run (metrics, checkpoints, models
+written by a run) is only continued with `--resume`; a fresh start there is refused unless `--force`, which
+moves the old run's artefacts (the names in RUN_ARTEFACTS, nothing else) into
+`<output_dir>/previous-<UTC time>/` (nothing is deleted). Files of the user's are never moved or written: an
+unmarked directory whose entries carry the names a run writes (`data/`, `base_model/`, ...) but no trained
+run (checkpoints, metrics) is refused whatever the flags.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import socket
@@ -23,6 +28,7 @@ from typing import Optional
 from grpo_core.errors import OutputDirError
 
 LOCK_NAME = ".grpo-lock"
+MARKER_NAME = ".grpo-run"  # written by a run into the output directory it claimed: "a grpo run wrote here"
 ARCHIVE_PREFIX = "previous-"
 # What a run writes into its output directory; any of these marks the directory as holding a run.
 RUN_ARTEFACTS = ("checkpoints", "metrics.jsonl", "summary.json", "warm_start_model", "base_model", "data", "tb",
@@ -78,6 +84,11 @@ class RunLock:
         except BlockingIOError:
             info = _read_info(fd)
             os.close(fd)
+            if not info.get("pid"):  # the run that wrote it has released it, yet a process holds the flock
+                raise OutputDirError(
+                    f"output_dir {self.dir} is locked by a process that is not a grpo run (one that inherited the "
+                    f"lock, e.g. a child left behind by an earlier run); find it with `fuser -v {self.path}`, end "
+                    f"it, and start again") from None
             raise OutputDirError(
                 f"output_dir {self.dir} is in use by another run: {_holder_text(info)}; wait for it to finish, "
                 f"stop it, or set another trainer.output_dir") from None
@@ -140,8 +151,16 @@ def has_checkpoint(output_dir: str | Path) -> bool:
     return bool(list_checkpoints(checkpoint_root(output_dir)))
 
 
+def write_marker(output_dir: str | Path) -> None:
+    marker = Path(output_dir) / MARKER_NAME
+    if not marker.exists():
+        marker.write_text(json.dumps({"grpo_run": True, "created": _dt.datetime.now(_dt.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M:%S UTC")}) + "\n", encoding="utf-8")
+
+
 def archive_previous_run(output_dir: str | Path) -> Path:
-    """Move everything in output_dir except the lock and earlier archives into previous-<UTC time>/."""
+    """Move the previous run's artefacts (RUN_ARTEFACTS and the run's own hidden temporaries; never anything
+    else) into previous-<UTC time>/."""
     d = Path(output_dir)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     dest = d / f"{ARCHIVE_PREFIX}{stamp}"
@@ -151,9 +170,8 @@ def archive_previous_run(output_dir: str | Path) -> Path:
         dest = d / f"{ARCHIVE_PREFIX}{stamp}-{n}"
     dest.mkdir()
     for entry in sorted(d.iterdir()):
-        if entry.name == LOCK_NAME or entry.name.startswith(ARCHIVE_PREFIX):
-            continue
-        os.rename(entry, dest / entry.name)  # same filesystem: a rename, nothing copied or deleted
+        if entry.name in RUN_ARTEFACTS or entry.name.startswith(".summary.json"):
+            os.rename(entry, dest / entry.name)  # same filesystem: a rename, nothing copied or deleted
     return dest
 
 
@@ -169,36 +187,57 @@ def claim_output_dir(output_dir: str | Path, *, resume: str, force: bool, say=pr
     d = Path(output_dir)
     if d.exists() and not d.is_dir():
         raise OutputDirError(f"trainer.output_dir {d} exists and is not a directory")
-    ran_here = (d / LOCK_NAME).exists()  # a grpo run held this directory before (the lock file is never deleted)
-    lock = RunLock(d).acquire()
     try:
-        if lock.took_over:
-            say(f"[grpo] note: took over the lock of a run that ended without releasing it "
-                f"({_holder_text(lock.took_over)})")
-        used = run_artefacts(d)
-        if not used:
-            return lock
-        trained = [n for n in used if n in TRAINED_ARTEFACTS]
-        if resume in (None, "", "none"):
-            if not trained and ran_here and not force:
-                # A start that failed before its first step (e.g. a bad model file) left only derived files:
-                # keep them aside rather than make the corrected run fight them.
-                dest = archive_previous_run(d)
-                say(f"[grpo] note: the previous start in {d} stopped before its first step; moved its files "
-                    f"({', '.join(used)}) into {dest}")
-                return lock
-            if not force:
-                raise OutputDirError(
-                    f"output_dir {d} holds a previous run ({', '.join(used)}); continue it with --resume auto, "
-                    f"set a new trainer.output_dir, or pass --force to move the old run into "
-                    f"{d}/{ARCHIVE_PREFIX}<time>/ and start fresh")
-            dest = archive_previous_run(d)
-            say(f"[grpo] --force: moved the previous run in {d} into {dest}")
-        elif resume == "auto" and not has_checkpoint(d):
-            dest = archive_previous_run(d)
-            say(f"[grpo] --resume auto: no checkpoint in {d} to resume; moved the previous run's files into "
-                f"{dest} and starting fresh")
+        lock = RunLock(d).acquire()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise  # disk full or read-only: reported as such, naming the path
+        raise OutputDirError(f"trainer.output_dir {d} cannot be created or locked: {e.strerror} ({e.filename or d}); "
+                             f"set another trainer.output_dir") from None
+    try:
+        _check_previous(d, lock, resume=resume, force=force, say=say)
+        write_marker(d)
         return lock
     except BaseException:
         lock.release()
         raise
+
+
+def _check_previous(d: Path, lock: RunLock, *, resume: str, force: bool, say) -> None:
+    if lock.took_over:
+        say(f"[grpo] note: took over the lock of a run that ended without releasing it "
+            f"({_holder_text(lock.took_over)})")
+    used = run_artefacts(d)
+    if not used:
+        return
+    ran_here = (d / MARKER_NAME).exists()  # a run claimed this directory before (its marker)
+    trained = [n for n in used if n in TRAINED_ARTEFACTS]
+    if not ran_here and not trained:
+        raise OutputDirError(
+            f"output_dir {d} holds a previous run ({', '.join(used)}) not marked by grpo ({MARKER_NAME} is "
+            f"missing), or files of yours with the names a run writes; nothing was moved or written: set another "
+            f"trainer.output_dir")
+    if resume in (None, "", "none"):
+        if not trained and ran_here and not force:
+            # A start that failed before its first step (e.g. a bad model file) left only derived files:
+            # keep them aside rather than make the corrected run fight them.
+            dest = archive_previous_run(d)
+            say(f"[grpo] note: the previous start in {d} stopped before its first step; moved its files "
+                f"({', '.join(used)}) into {dest}")
+            return
+        if not force:
+            raise OutputDirError(
+                f"output_dir {d} holds a previous run ({', '.join(used)}); continue it with --resume auto, "
+                f"set a new trainer.output_dir, or pass --force to move the old run into "
+                f"{d}/{ARCHIVE_PREFIX}<time>/ and start fresh")
+        dest = archive_previous_run(d)
+        say(f"[grpo] --force: moved the previous run in {d} ({', '.join(used)}) into {dest}")
+    elif resume == "auto" and not has_checkpoint(d):
+        if not ran_here:
+            raise OutputDirError(
+                f"output_dir {d} holds {', '.join(used)} but no checkpoint to resume and no {MARKER_NAME} marker "
+                f"of a grpo run; set another trainer.output_dir, or pass --force (without --resume) to move "
+                f"those into {d}/{ARCHIVE_PREFIX}<time>/")
+        dest = archive_previous_run(d)
+        say(f"[grpo] --resume auto: no checkpoint in {d} to resume; moved the previous run's files into "
+            f"{dest} and starting fresh")

@@ -245,7 +245,8 @@ def code_reward(response: str, tests: str, timeout_s: float = 5.0) -> float:
 
     The program is the last fenced ```python block of the response (or the whole response if none).
     `tests` holds Python statements (each top-level `assert` is one test; with none, the whole block is one
-    test) run after the program in its namespace, or a JSON list of {"input", "output"} pairs, each run as a
+    test) run after the program by a judge process that reaches the program's module-level names as proxies
+    and compares built-in values itself (grpo_core.sandbox; a program that defines nothing scores 0), or a JSON list of {"input", "output"} pairs, each run as a
     fresh process reading `input` on stdin whose stdout must equal `output`. `timeout_s` bounds the whole call
     (all cases together); a timeout, a crash of the program's top level, or no code scores 0.0.
     """

@@ -57,6 +57,14 @@ def _make_synthetic_data(cfg: Config, out: Path) -> tuple[list[str], list[str]]:
     return [str(out / "train.parquet")], files_eval
 
 
+def _context_tokens(model_dir: str | Path) -> int | None:
+    """The model's max_position_embeddings (config.json), None when it gives none."""
+    from grpo_core.model import checkpoint_io
+
+    value = checkpoint_io.read_config(model_dir).get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def prepare_run(cfg: Config, dist_info: DistInfo, resuming: bool = False) -> RunAssets:
     from grpo_core.data.dataset import PromptDataset
     from grpo_core.model import CausalLM
@@ -82,7 +90,11 @@ def prepare_run(cfg: Config, dist_info: DistInfo, resuming: bool = False) -> Run
         raise FileNotFoundError(f"model.path '{model_dir}' has no config.json (expected an HF-layout directory)")
     tokenizer = Tokenizer.from_pretrained(model_dir)
     d = cfg.data
-    kw = dict(prompt_template=d.prompt_template or None, max_prompt_tokens=d.max_prompt_tokens,
+    # A prompt must leave room to generate: the bound is the smaller of data.max_prompt_tokens and the model's
+    # context less one token (a longer prompt is dropped and counted like any other too-long prompt).
+    context = _context_tokens(model_dir)
+    kw = dict(prompt_template=d.prompt_template or None,
+              max_prompt_tokens=min(d.max_prompt_tokens, context - 1) if context else d.max_prompt_tokens,
               allow_unlabeled=d.allow_unlabeled, prompt_key=d.prompt_key, answer_key=d.answer_key,
               system_prompt=d.system_prompt, chat_template_kwargs=d.chat_template_kwargs)
     train_set = PromptDataset(train_files, tokenizer, **kw)

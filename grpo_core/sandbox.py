@@ -1,20 +1,27 @@
-"""Run model-written Python in a sandboxed subprocess.
+"""Run model-written Python in a sandboxed subprocess (the child side is grpo_core/sandbox_child.py).
 
 Model-written code is hostile. Every run gets:
-  - a fresh temporary working directory, removed afterwards (the captured output lives beside it, outside
-    the program's reach);
-  - a scrubbed environment: PATH, LANG, HOME/TMPDIR (the work dir) and nothing else from the parent;
+  - a scrubbed environment: PATH, LANG, HOME/TMPDIR (its work dir) and nothing else from the parent;
   - rlimits on CPU seconds, address space, file size, open files and processes, set before any of its code
     runs (a program can lower them, never raise them);
   - its own session and process group, SIGKILLed as a whole when the wall-clock limit is hit and again
     after every run, plus a sweep for any process that left the group (found by a per-run token in its
     environment), so a fork bomb or a left-behind child never survives the call;
-  - no network: a fresh network namespace (only a loopback that is down) when the OS allows one; where it
-    does not, one warning line is logged at the first run;
+  - where the OS allows namespaces (probed once; one warning line names what is missing):
+      no network (a fresh network namespace, loopback down);
+      no host process visible (a pid namespace with its own /proc);
+      a total disk bound: one tmpfs of ``disk_mb`` holds its work dir, /tmp, /var/tmp, /dev/shm and
+      /run/lock (without a mount namespace only the per-file bound holds);
   - when the trainer runs as root, an unprivileged uid/gid (``nobody``) with no supplementary groups, so it
-    can write nowhere but its work dir (as a normal user it runs under the trainer's own uid);
+    can write nowhere but its own dirs (as a normal user it runs under the trainer's own uid);
   - stdout/stderr written to files capped by the file-size limit and read back truncated to
     ``output_bytes``.
+
+With ``tests`` (asserts), the verdict comes from a judge process the program cannot reach: the program's
+process only answers calls into its namespace; the judge (another uid, not traceable, holding the tests and
+the report descriptor the program never had) runs the tests on built-in values it decodes itself and
+compares them. Only names the program binds at module level are asked for, so a program that defines
+nothing scores 0 whatever it does.
 
 The interpreter starts isolated (``-I -S -B``: no user site, no site-packages, no .pyc writes), so only the
 standard library is importable. Many runs may go at once from threads; a process-wide semaphore bounds the
@@ -45,7 +52,6 @@ NOBODY_UID = 65534
 NOBODY_GID = 65534
 _TOKEN_VAR = "GRPO_SANDBOX_TOKEN"
 _CLONE_NEWNET = 0x40000000
-_CLONE_NEWUSER = 0x10000000
 
 
 @dataclass(frozen=True)
@@ -59,11 +65,12 @@ class SandboxLimits:
     open_files: int = 64  # RLIMIT_NOFILE
     processes: int = 32  # RLIMIT_NPROC: processes/threads it may add under its uid
     output_bytes: int = 1 << 20  # stdout and stderr are each read back truncated to this many bytes
+    disk_mb: int = 64  # total MiB it may write (work dir and temp dirs together; needs a mount namespace)
 
     def __post_init__(self):
         if not self.timeout_s > 0:
             raise ValueError(f"SandboxLimits.timeout_s must be > 0, got {self.timeout_s}")
-        for name in ("memory_mb", "file_size_mb", "open_files", "processes", "output_bytes"):
+        for name in ("memory_mb", "file_size_mb", "open_files", "processes", "output_bytes", "disk_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SandboxLimits.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -125,31 +132,26 @@ _ns_probe: Optional[int] = None
 _ns_lock = threading.Lock()
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWPID = 0x20000000
-_MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
-# World-writable places get a private, size-bounded tmpfs inside the sandbox's mount namespace.
+# World-writable places: inside the mount namespace they are folders of the run's bounded tmpfs.
 _PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+CHILD = str(Path(__file__).with_name("sandbox_child.py"))
 
-_UNSHARE_SNIPPET = (
-    "import os\n"
-    "def _unshare(flags):\n"
-    "    import ctypes\n"
-    "    libc = ctypes.CDLL(None, use_errno=True)\n"
-    f"    flags |= 0 if os.geteuid() == 0 else {_CLONE_NEWUSER}\n"
-    "    return libc.unshare(flags) == 0\n"
-)
+
+def _child_argv(cfg: dict) -> list[str]:
+    return [sys.executable, "-I", "-S", "-B", CHILD, *(f"{k}={v}" for k, v in cfg.items())]
 
 
 def namespace_flags() -> int:
-    """The namespaces (network, pid, mount) a sandbox can enter here, probed once. Where the OS allows none,
-    one warning line says the code runs without network isolation."""
+    """The namespaces (network, pid + mount with a private /proc and tmpfs) a sandbox can use here, probed
+    once. Where the OS allows less, one warning line says what runs without isolation."""
     global _ns_probe
     with _ns_lock:
         if _ns_probe is None:
             _ns_probe = 0
             for flags in (_CLONE_NEWNET | _CLONE_NEWPID | _CLONE_NEWNS, _CLONE_NEWNET):
-                code = _UNSHARE_SNIPPET + f"raise SystemExit(0 if _unshare({flags}) else 1)\n"
+                cfg = {"probe": 1, "ns": flags, "mode": "script", "disk_kb": 1024, "private_dirs": "/tmp"}
                 try:
-                    rc = subprocess.run([sys.executable, "-I", "-S", "-c", code], env=_base_env(), timeout=30,
+                    rc = subprocess.run(_child_argv(cfg), env=_base_env(), timeout=30, cwd="/",
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
                 except (OSError, subprocess.SubprocessError):
                     rc = 1
@@ -159,9 +161,9 @@ def namespace_flags() -> int:
             if not _ns_probe & _CLONE_NEWNET:
                 logger.warning("sandbox: this OS does not allow a network namespace (unshare failed); sandboxed "
                                "code runs WITHOUT network isolation")
-            elif not _ns_probe & _CLONE_NEWPID:
-                logger.warning("sandbox: no pid/mount namespace here; leftover processes are killed by process "
-                               "group and environment token only, and /tmp is shared")
+            if not _ns_probe & _CLONE_NEWPID:
+                logger.warning("sandbox: no pid/mount namespace here: sandboxed code can see host processes in "
+                               "/proc, shares /tmp, and its disk use is bounded per file only")
         return _ns_probe
 
 
@@ -180,124 +182,6 @@ def _base_env() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------- the child side
-
-# Runs in the child before any of the program's code: namespaces, rlimits, privileges, then the program.
-# Config comes as KEY=VALUE words on argv (nothing secret); the verdict nonce comes on an inherited fd that is
-# closed at once. It imports nothing heavy (no json/ast: the parent pre-splits the tests) to start fast.
-_BOOTSTRAP = _UNSHARE_SNIPPET + r'''
-import resource, sys
-_cfg = dict(_a.split("=", 1) for _a in sys.argv[1:])
-del sys.argv[1:]
-sys.argv[0] = "solution.py"
-_ns = int(_cfg["ns"])
-if _ns and not _unshare(_ns):
-    _ns = 0
-if _ns & %(newns)d:
-    import ctypes
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.mount(None, b"/", None, %(rec_private)d, None)  # nothing mounted here reaches the host
-    for _d in filter(None, _cfg["private_dirs"].split(":")):
-        _libc.mount(b"tmpfs", _d.encode(), b"tmpfs", %(nosuid_nodev)d, b"size=16m,mode=1777")
-    del ctypes, _libc
-if _ns & %(newpid)d:
-    # This process stays outside; its child is pid 1 of the new namespace (root, out of the program's reach)
-    # and runs the program as its own child. When pid 1 exits or is killed, the kernel kills everything
-    # left in the namespace, setsid'd or not.
-    def _wait_for(pid):
-        while True:
-            got, status = os.wait()
-            if got == pid:
-                code = os.waitstatus_to_exitcode(status)
-                os._exit(code if code >= 0 else 128 - code)
-    _child = os.fork()
-    if _child:
-        _wait_for(_child)
-    _child = os.fork()
-    if _child:
-        _wait_for(_child)  # pid 1 also reaps the program's orphans
-for _name in [_k for _k in _cfg if _k.startswith("RLIMIT_")]:
-    _value = int(_cfg[_name])
-    _lim = getattr(resource, _name)
-    _soft, _hard = resource.getrlimit(_lim)
-    _value = _value if _hard == resource.RLIM_INFINITY else min(_value, _hard)
-    resource.setrlimit(_lim, (_value, _value))
-''' % {"newns": _CLONE_NEWNS, "newpid": _CLONE_NEWPID, "rec_private": _MS_REC | _MS_PRIVATE,
-       "nosuid_nodev": _MS_NOSUID | _MS_NODEV} + r'''
-_uid, _gid = int(_cfg["uid"]), int(_cfg["gid"])
-if _uid >= 0:
-    # The interpreter's own files may sit under a directory the unprivileged uid cannot search (e.g. a
-    # pyenv under /root): keep each import directory reachable through a read-only descriptor opened now.
-    _paths = []
-    for _p in sys.path:
-        try:
-            _paths.append("/proc/self/fd/%d" % os.open(_p, os.O_RDONLY | os.O_DIRECTORY))
-        except OSError:
-            _paths.append(_p)
-    _map = [(_p.rstrip("/") + "/", _q + "/") for _p, _q in zip(sys.path, _paths) if _p != _q and _p]
-    sys.path[:] = _paths
-    for _m in list(sys.modules.values()):  # packages imported at start-up (collections, encodings, ...)
-        _mp = getattr(_m, "__path__", None)
-        if isinstance(_mp, list):
-            for _i, _d in enumerate(_mp):
-                for _p, _q in _map:
-                    if (_d + "/").startswith(_p):
-                        _mp[_i] = _q + _d[len(_p):]
-                        break
-    sys.path_importer_cache.clear()
-    os.setgroups([])
-    os.setgid(_gid)
-    os.setuid(_uid)
-    if os.getuid() != _uid or os.geteuid() != _uid:
-        os._exit(120)
-_nonce = b""
-_run = _cfg["mode"]
-if _run == "tests":
-    _nonce = os.read(int(_cfg["nonce_fd"]), 128)
-    os.close(int(_cfg["nonce_fd"]))
-    _verdict_fd = int(_cfg["verdict_fd"])
-del resource
-_write, _exit = os.write, os._exit
-with open("solution.py", encoding="utf-8") as _f:
-    _src = _f.read()
-if _run == "script":
-    del _cfg, _nonce
-    _g = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "solution.py"}
-    exec(compile(_src, "solution.py", "exec"), _g)
-else:
-    def _report(status, passed, total, _n=_nonce, _fd=_verdict_fd, _w=_write):
-        try:
-            _w(_fd, _n + (" %s %d %d\n" % (status, passed, total)).encode())
-        except OSError:
-            pass
-    # Units from the parent, NUL-separated: "T<source>" is a test, "S<source>" a setup statement.
-    with open("tests.txt", encoding="utf-8") as _f:
-        _units = _f.read().split("\0")
-    os.remove("tests.txt")
-    _codes = [(compile(_u[1:], "tests.py", "exec"), _u[0] == "T") for _u in _units]
-    _total = sum(_t for _, _t in _codes)
-    del _cfg, _nonce, _verdict_fd, _units
-    _g = {"__name__": "__main__", "__builtins__": __builtins__}
-    try:
-        exec(compile(_src, "solution.py", "exec"), _g)
-    except BaseException:
-        _report("crash", 0, _total)
-        _exit(1)
-    _passed = 0
-    for _code, _is_test in _codes:
-        try:
-            exec(_code, _g)
-            _passed += _is_test
-        except BaseException:
-            if not _is_test:  # a failing setup statement: the rest cannot be judged
-                break
-    _report("done", _passed, _total)
-    try:
-        sys.stdout.flush()
-    except BaseException:
-        pass
-    _exit(0)
-'''
-
 
 # --------------------------------------------------------------------------------------- the parent side
 
@@ -434,6 +318,7 @@ def run_python(source: str, *, stdin: str = "", limits: Optional[SandboxLimits] 
 
 
 def _run(source: str, stdin: str, limits: SandboxLimits, tests: Optional[str], ns: int) -> SandboxResult:
+    """One sandboxed run (see the module docstring); the child side is sandbox_child.py."""
     root = Path(tempfile.mkdtemp(prefix="grpo-sandbox-"))
     token = secrets.token_hex(16).encode()
     nonce = secrets.token_hex(16).encode()
@@ -443,8 +328,10 @@ def _run(source: str, stdin: str, limits: SandboxLimits, tests: Optional[str], n
         work = root / "work"
         work.mkdir()
         (work / "solution.py").write_text(source, encoding="utf-8", errors="replace")
-        if tests is not None:
-            (work / "tests.txt").write_text("\0".join(_test_units(tests)), encoding="utf-8", errors="replace")
+        if tests is not None:  # handed to the judge as a descriptor of an unlinked file: no path to it
+            (root / "tests").write_text("\0".join(_test_units(tests)), encoding="utf-8", errors="replace")
+            fds.append(os.open(root / "tests", os.O_RDONLY))
+            os.unlink(root / "tests")
         (root / "stdin").write_text(stdin, encoding="utf-8", errors="replace")
         uid = gid = None
         if drops_privileges():
@@ -463,18 +350,20 @@ def _run(source: str, stdin: str, limits: SandboxLimits, tests: Optional[str], n
         private = [d for d in _PRIVATE_DIRS if ns & _CLONE_NEWNS and os.path.isdir(d)]
         cfg = {"ns": ns, "private_dirs": ":".join(private), **dict(_rlimits(limits)),
                "uid": -1 if uid is None else uid, "gid": -1 if gid is None else gid,
-               "mode": "script" if tests is None else "tests", "nonce_fd": nonce_r, "verdict_fd": verdict_fd}
+               "mode": "script" if tests is None else "tests", "nonce_fd": nonce_r, "verdict_fd": verdict_fd,
+               "disk_kb": limits.disk_mb * 1024}
+        if tests is not None:
+            cfg["tests_fd"] = fds[0]
         env = _base_env()
-        # Inside a mount namespace the work dir's path may be hidden under a private /tmp: the program reaches
-        # it as its current directory.
-        home = "/tmp" if private else str(work)
+        # Inside a mount namespace the work dir is /tmp/work on the run's own tmpfs.
+        home = "/tmp/work" if private else str(work)
         env.update({"HOME": home, "TMPDIR": home, _TOKEN_VAR: token.decode()})
-        pass_fds = (nonce_r, verdict_fd) if tests is not None else ()
+        pass_fds = (nonce_r, verdict_fd, fds[0]) if tests is not None else ()
         t0 = time.monotonic()
         with open(root / "stdin", "rb") as fin, open(root / "stdout", "wb") as fout, \
                 open(root / "stderr", "wb") as ferr:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP, *(f"{k}={v}" for k, v in cfg.items())],
+                _child_argv(cfg),
                 cwd=work, env=env, stdin=fin, stdout=fout, stderr=ferr, pass_fds=pass_fds,
                 close_fds=True, start_new_session=True)
         for fd in list(fds):

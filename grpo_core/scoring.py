@@ -10,10 +10,14 @@ Scorers (reward.by_source / reward.default / reward.custom_function):
          the score is the reward; correct means score >= reward.correct (or the dict's "acc" when present);
          other numbers in the dict are logged as reward/extra/<key> means.
 
-A custom function that raises (or hangs past reward.verifier_timeout_s in a worker, or returns something
-else than a number or a dict with "score") scores reward.incorrect and counts in reward/errors; the first
-traceback is printed once, and a function that has failed on each of its first reward.custom_error_limit
-calls stops the run. With reward.verifier_workers > 0 custom calls run in killable worker processes.
+Custom functions always run in killable worker processes (max(1, reward.verifier_workers) of them, each in
+its own session), never in the trainer: whatever the function does (raise, sys.exit, os._exit, hang, fork,
+KeyboardInterrupt) cannot end, stall or mislabel the run, and its forked children never hold the trainer's
+files or locks. A call that raises (or runs past reward.verifier_timeout_s, kills its worker, or returns
+something else than a number or a dict with "score") scores reward.incorrect and counts in reward/errors; the
+first error is printed once, and a function that has failed on each of its first reward.custom_error_limit
+calls stops the run. `check_custom_function` imports and signature-checks a function in a throwaway worker
+(the preflight, before anything is written).
 Code rewards run in the sandbox from a bounded thread pool (each sandbox kills its own process group).
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ import importlib.util
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 import threading
 import time
@@ -34,11 +39,17 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from grpo_core.errors import UserError
+
 BUILTIN_SCORERS = ("math", "code", "ttrl")
+MAX_REWARD = 1e6  # = grpo_core.config.MAX_REWARD (not imported: worker processes stay light)
 
 
-class RewardFunctionError(RuntimeError):
-    """A custom reward function cannot be loaded, or fails on every call."""
+class RewardFunctionError(UserError):
+    """A custom reward function cannot be loaded, has the wrong signature, or fails on every call."""
+
+VERL_ARGS = ("data_source", "solution_str", "ground_truth", "extra_info")
+LOAD_TIMEOUT_S = 120.0  # bound on importing a custom reward module (it may import torch or a tokenizer)
 
 
 def check_scorer_spec(spec: str, custom_only: bool = False) -> Optional[str]:
@@ -88,13 +99,56 @@ def load_function(spec: str) -> Callable:
     return fn
 
 
+def signature_problem(spec: str, fn: Callable) -> Optional[str]:
+    """None when `fn` can be called as verl calls it, NAME(data_source, solution_str, ground_truth,
+    extra_info), else what is wrong."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None  # a builtin without a signature: its first call tells
+    try:
+        sig.bind(*VERL_ARGS)
+    except TypeError:
+        name = spec.rpartition(":")[2]
+        return (f"custom reward '{spec}': {name}{sig} cannot take verl's 4 arguments; define "
+                f"{name}(data_source, solution_str, ground_truth, extra_info=None)")
+    return None
+
+
+def load_checked(spec: str, check_signature: bool) -> Optional[str]:
+    """Import the function a spec names (in this process) -> None, or the problem in one line. Catches
+    everything the module's import can do short of ending the process (SystemExit, KeyboardInterrupt
+    included)."""
+    try:
+        fn = load_function(spec)
+    except RewardFunctionError as exc:
+        return str(exc)
+    except BaseException as exc:  # noqa: B902 - a module that raises SystemExit / KeyboardInterrupt at import
+        return f"cannot import custom reward '{spec}': {type(exc).__name__}: {exc}"
+    return signature_problem(spec, fn) if check_signature else None
+
+
 def call_custom(spec: str, data_source: str, solution_str: str, ground_truth: Any, extra_info: Optional[dict]):
-    """One custom call -> ("ok", score, extras) or ("error", message, {}). Never raises."""
+    """One custom call -> ("ok", score, extras) or ("error", message, {}). Never raises: a function that
+    raises SystemExit or KeyboardInterrupt is an error of that call like any other."""
     try:
         out = load_function(spec)(data_source, solution_str, ground_truth, extra_info)
         return ("ok", *_normalize(out))
-    except Exception:
-        return "error", traceback.format_exc(limit=8), {}
+    except BaseException as exc:  # noqa: B902
+        return "error", _error_text(exc), {}
+
+
+def _error_text(exc: BaseException) -> str:
+    """A failed call in one line: the error and where the function raised it (the full traceback when
+    GRPO_DEBUG=1, which `--debug` sets)."""
+    if os.environ.get("GRPO_DEBUG") == "1":
+        return "".join(traceback.format_exception(exc, limit=8))
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"
 
 
 def _normalize(out: Any) -> tuple[float, dict]:
@@ -110,12 +164,32 @@ def _normalize(out: Any) -> tuple[float, dict]:
     score = float(out)
     if not math.isfinite(score):
         raise ValueError(f"custom reward returned a non-finite score {score}")
+    if abs(score) > MAX_REWARD:  # the group statistics of such rewards overflow to NaN advantages
+        raise ValueError(f"custom reward returned {score:g}, outside [-{MAX_REWARD:g}, {MAX_REWARD:g}]; scale it down")
     return score, extras
 
 
 # ----------------------------------------------------------------------------------------- killable pool
 
+def _detach_worker() -> None:
+    """A worker leads its own session (so a terminal's Ctrl-C reaches only the trainer, and the pool can kill
+    the worker together with anything the function forked) and dies with the trainer (Linux)."""
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _pool_worker(conn) -> None:
+    _detach_worker()
     while True:
         try:
             msg = conn.recv()
@@ -124,7 +198,22 @@ def _pool_worker(conn) -> None:
         if msg is None:
             return
         index, spec, args = msg
-        conn.send((index, call_custom(spec, *args)))
+        if index < 0:  # a load request: args = (check_signature,)
+            conn.send((index, load_checked(spec, *args)))
+        else:
+            conn.send((index, call_custom(spec, *args)))
+
+
+def _kill_worker(proc) -> None:
+    """SIGKILL a worker's session (the worker and whatever its function forked), then the worker itself."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+    try:
+        proc.kill()
+    except Exception:
+        pass
 
 
 class CallPool:
@@ -144,9 +233,29 @@ class CallPool:
     def _spawn(self):
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(target=_pool_worker, args=(child,), daemon=True)
-        proc.start()
-        child.close()
+        try:
+            proc.start()
+        except Exception as exc:  # e.g. the forkserver was killed, or no process can be started
+            raise RewardFunctionError(f"cannot start a custom-reward worker process ({type(exc).__name__}: "
+                                      f"{exc})") from None
+        finally:
+            child.close()
         return [proc, parent, None, 0.0]  # process, pipe, running index, start time
+
+    def load(self, spec: str, check_signature: bool = False, timeout_s: float = LOAD_TIMEOUT_S) -> Optional[str]:
+        """Import `spec` in one worker -> None, or the problem in one line (a module that ends its process or
+        hangs while being imported included)."""
+        w = self._workers[0]
+        try:
+            w[1].send((-1, spec, (check_signature,)))
+            if w[1].poll(timeout_s):
+                return w[1].recv()[1]
+            problem = f"importing it did not finish within {timeout_s:g} s"
+        except (EOFError, OSError):
+            w[0].join(timeout=5)
+            problem = f"the process importing it ended (exit code {w[0].exitcode}; sys.exit or os._exit at import?)"
+        self._replace(w)
+        return f"cannot import custom reward '{spec}': {problem}"
 
     def map(self, spec: str, items: Sequence[tuple]) -> list[tuple]:
         if self._closed:
@@ -177,7 +286,9 @@ class CallPool:
                         w[2] = None
                         continue
                     except (EOFError, OSError):
-                        reason = "the worker process died"
+                        w[0].join(timeout=5)
+                        reason = (f"the function ended its worker process (exit code {w[0].exitcode}); a reward "
+                                  f"function must return a score, not exit")
                 elif time.monotonic() >= w[3] + self.timeout_s:
                     reason = f"timeout: killed after reward.verifier_timeout_s={self.timeout_s:g}s"
                 else:
@@ -187,10 +298,7 @@ class CallPool:
         return results
 
     def _replace(self, w) -> None:
-        try:
-            w[0].kill()
-        except Exception:
-            pass
+        _kill_worker(w[0])
         w[0].join(timeout=5)
         w[1].close()
         w[:] = self._spawn()
@@ -207,9 +315,8 @@ class CallPool:
                 pass
         for w in self._workers:
             w[0].join(timeout=2)
-            if w[0].is_alive():
-                w[0].kill()
-                w[0].join(timeout=2)
+            _kill_worker(w[0])  # and anything its function forked and left running
+            w[0].join(timeout=2)
             w[1].close()
 
     def __del__(self):
@@ -217,6 +324,35 @@ class CallPool:
             self.close()
         except Exception:
             pass
+
+
+def custom_specs(cfg) -> dict[str, str]:
+    """{custom spec: the config key naming it} of a config (built-in scorers left out)."""
+    r = cfg.reward
+    found: dict[str, str] = {}
+    for key, spec in [("reward.custom_function", r.custom_function), ("reward.default", r.default),
+                      *((f"reward.by_source.{k}", v) for k, v in r.by_source.items())]:
+        if spec and spec not in BUILTIN_SCORERS:
+            found.setdefault(spec, key)
+    return found
+
+
+def check_custom_functions(cfg, pool: Optional[CallPool] = None, check_signature: bool = True) -> None:
+    """Import every custom reward function of `cfg` in a worker process (a throwaway one unless `pool` is
+    given) and check it takes verl's arguments; RewardFunctionError naming the key on the first problem."""
+    specs = custom_specs(cfg)
+    if not specs:
+        return
+    own = pool is None
+    pool = pool or CallPool(1, cfg.reward.verifier_timeout_s)
+    try:
+        for spec, key in specs.items():
+            problem = pool.load(spec, check_signature)
+            if problem:
+                raise RewardFunctionError(f"config key '{key}': {problem}")
+    finally:
+        if own:
+            pool.close()
 
 
 # ----------------------------------------------------------------------------------------- the scorer
@@ -262,22 +398,22 @@ class Scorer:
         self.default_spec = r.custom_function or r.default
         self.by_source = dict(r.by_source)
         specs = {self.default_spec, *self.by_source.values()}
-        for spec in specs - set(BUILTIN_SCORERS):
-            try:
-                load_function(spec)  # fail at start-up, naming the key, not at the first rollout
-            except RewardFunctionError as exc:
-                key = next((f"reward.by_source.{k}" for k, v in self.by_source.items() if v == spec),
-                           "reward.custom_function" if r.custom_function == spec else "reward.default")
-                raise RewardFunctionError(f"config key '{key}': {exc}") from None
         self._pool = None
         self._call_pool = None
+        if specs - set(BUILTIN_SCORERS):
+            # Custom functions run in worker processes only (see the module docstring); the import is checked
+            # now, naming the key, not at the first rollout.
+            self._call_pool = CallPool(max(1, r.verifier_workers), r.verifier_timeout_s)
+            try:
+                check_custom_functions(cfg, pool=self._call_pool, check_signature=False)
+            except BaseException:
+                self._call_pool.close()
+                raise
         if r.verifier_workers > 0 and specs & {"math", "ttrl"}:
             from grpo_core.verify.pool import VerifierPool
 
             self._pool = VerifierPool(workers=r.verifier_workers, timeout_s=r.verifier_timeout_s,
                                       config=self.verify_config)
-        if r.verifier_workers > 0 and specs - set(BUILTIN_SCORERS):
-            self._call_pool = CallPool(r.verifier_workers, r.verifier_timeout_s)
         self._code_threads = max(1, r.verifier_workers or (os.cpu_count() or 1))
         self._custom_calls = collections.Counter()
         self._custom_ok = collections.Counter()
@@ -375,10 +511,7 @@ class Scorer:
 
     def _score_custom(self, spec, idx, texts, sources, rows, golds, results) -> None:
         items = [(sources[i], texts[i], self._gold(rows, golds, i), self._extra_info(rows, i)) for i in idx]
-        if self._call_pool is not None:
-            outs = self._call_pool.map(spec, items)
-        else:
-            outs = [call_custom(spec, *it) for it in items]
+        outs = self._call_pool.map(spec, items)
         acc_key = "acc"
         for i, (status, value, extras) in zip(idx, outs):
             with self._lock:
@@ -410,8 +543,18 @@ class Scorer:
             first = not self._printed_traceback
             self._printed_traceback = True
         if first:
+            sep = "\n" if "\n" in message.rstrip() else " "
             print(f"[grpo] reward '{spec}' failed (scored reward.incorrect; counted in reward/errors; this message "
-                  f"is printed once):\n{message.rstrip()}", file=sys.stderr, flush=True)
+                  f"is printed once):{sep}{message.rstrip()}", file=sys.stderr, flush=True)
+
+    def never_succeeded(self) -> Optional[str]:
+        """The stop message when a custom function was called and failed on every call (a run too short to
+        reach reward.custom_error_limit must not end as if it had trained), else None."""
+        for spec, calls in self._custom_calls.items():
+            if calls and not self._custom_ok[spec]:
+                return (f"custom reward '{spec}' failed on all of its {calls} calls, so every reward was "
+                        f"reward.incorrect and nothing was learned; fix the function (first error printed above)")
+        return None
 
     # ----------------------------------------------------------------------------------- rewards
     def rewards(self, results: list, lengths: list[int], finish_reasons: list[str],

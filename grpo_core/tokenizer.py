@@ -19,6 +19,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _BackendTokenizer
 
+from grpo_core.errors import UserError, naming
+
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 stores the template
@@ -38,8 +40,8 @@ CHATML_TEMPLATE = (
 )
 
 
-class TemplateError(ValueError):
-    """Raised by a chat template's raise_exception(...)."""
+class TemplateError(ValueError, UserError):
+    """A chat template refused a prompt (its raise_exception(...)): a user error (data or template)."""
 
 
 def _raise_exception(message: str):
@@ -85,28 +87,49 @@ class Tokenizer:
         path = Path(path)
         if not (path / TOKENIZER_FILE).is_file():
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in {path}")
-        backend = _BackendTokenizer.from_file(str(path / TOKENIZER_FILE))
+
+        try:
+            backend = _BackendTokenizer.from_file(str(path / TOKENIZER_FILE))
+        except Exception as e:  # the Rust library raises a bare Exception for a file it cannot parse
+            raise UserError(f"{path / TOKENIZER_FILE} cannot be read as a tokenizer ({' '.join(str(e).split())}); "
+                            f"restore it from the model's source") from None
         config: dict[str, Any] = {}
         if (path / CONFIG_FILE).is_file():
-            with open(path / CONFIG_FILE, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(path / CONFIG_FILE, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise UserError(f"{path / CONFIG_FILE} is not valid JSON ({e}); restore it from the model's "
+                                f"source") from None
+            if not isinstance(config, dict):
+                raise UserError(f"{path / CONFIG_FILE} must hold a JSON object, got {type(config).__name__}")
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
         if template is None and (path / TEMPLATE_FILE).is_file():
             template = (path / TEMPLATE_FILE).read_text(encoding="utf-8")
-        return cls(backend, config, template)
+        tokenizer = cls(backend, config, template)
+        if template is not None:  # a broken template is found at load (the preflight), not at the first prompt
+            try:
+                if not isinstance(template, str):
+                    raise TypeError(f"it is a {type(template).__name__}, not a string")
+                tokenizer._compiled = _template_env().from_string(template)
+            except (jinja2.TemplateError, TypeError) as e:
+                raise UserError(f"the chat template in {path} ({CONFIG_FILE} 'chat_template' or {TEMPLATE_FILE}) "
+                                f"cannot be compiled: {e}; fix it, or set data.prompt_template") from None
+        return tokenizer
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json and tokenizer_config.json (template inline, as transformers 4.x reads it)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(path / TOKENIZER_FILE))
+        with naming(path / TOKENIZER_FILE):
+            self.backend.save(str(path / TOKENIZER_FILE))
         config = dict(self.config)
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        with open(path / CONFIG_FILE, "w", encoding="utf-8") as f:
+        with naming(path / CONFIG_FILE), open(path / CONFIG_FILE, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
             f.write("\n")
 
@@ -163,10 +186,14 @@ class Tokenizer:
             raise ValueError("messages must be a list of dicts with 'role' and 'content'")
         if self._compiled is None:
             self._compiled = _template_env().from_string(self.chat_template)
-        return self._compiled.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **template_kwargs,
-        )
+        try:
+            return self._compiled.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **template_kwargs,
+            )
+        except (jinja2.TemplateError, TemplateError) as e:  # e.g. raise_exception("System role not supported")
+            raise TemplateError(f"the tokenizer's chat template refused a prompt ({' '.join(str(e).split())}); "
+                                f"change the data (e.g. data.system_prompt) or set data.prompt_template") from None
 
 
 def _template_env() -> jinja2.Environment:

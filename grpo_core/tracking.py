@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from grpo_core.errors import naming
+
 
 class MetricsLogger:
     """Writes every step's flat metrics dict to `<output_dir>/metrics.jsonl` and tensorboard (rank 0 only)."""
@@ -52,7 +54,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, "phase": phase, **{k: _clean(v) for k, v in metrics.items()}}
-        with open(self.path, "a", encoding="utf-8") as f:
+        with naming(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
         if self._tb is not None:

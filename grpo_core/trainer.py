@@ -35,7 +35,7 @@ from grpo_core.anchor import find_anchor
 from grpo_core.checkpoint import load_rng, load_trainer_state, save_checkpoint, select_checkpoint
 from grpo_core.config import Config, config_diff, deepspeed_config
 from grpo_core.data.sampler import PromptSampler
-from grpo_core.errors import CheckpointError, NonFiniteError
+from grpo_core.errors import CheckpointError, NonFiniteError, naming
 from grpo_core.evaluate import evaluate_accuracy
 from grpo_core.experience import Group, Response
 from grpo_core.losses import LossNormalizer, PolicyObjective, backward_scale
@@ -510,10 +510,16 @@ class Trainer:
             if self.cfg.logging.plot and stopped_by is None:
                 plot_curves(self.out / "metrics.jsonl", self.out / "curves.png", title="grpo-core")
             tmp = self.out / ".summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+            with naming(tmp):
+                tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
             tmp.replace(self.out / "summary.json")
         self.log.close()
         gdist.barrier()  # every rank exits after the summary is written (a launcher may kill the rest at the first exit)
+        useless = next(filter(None, gdist.all_gather_objects(self.run.verifier.never_succeeded())), None)
+        if useless and stopped_by is None:
+            from grpo_core.scoring import RewardFunctionError
+
+            raise RewardFunctionError(useless)
         return summary
 
     # ------------------------------------------------------------------------------------------ checkpoints

@@ -261,3 +261,104 @@ def test_all_failed_stop_is_taken_by_every_rank_together(reward_file, monkeypatc
     peer["fatal"] = "custom reward 'x' failed on all of its first 50 calls"
     with pytest.raises(RewardFunctionError, match="first 50 calls"):
         ok.take_metrics()
+
+
+HOSTILE_FILE = '''
+import os, sys, time
+def exits(data_source, solution_str, ground_truth, extra_info=None):
+    sys.exit(0)
+def hard_exit(data_source, solution_str, ground_truth, extra_info=None):
+    os._exit(0)
+def interrupts(data_source, solution_str, ground_truth, extra_info=None):
+    raise KeyboardInterrupt
+def forks(data_source, solution_str, ground_truth, extra_info=None):
+    if os.fork() == 0:
+        with open(os.path.join(os.path.dirname(__file__), "pids"), "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        time.sleep(60)
+        os._exit(0)
+    return 1.0
+def two_args(solution_str, ground_truth):
+    return 1.0
+'''
+
+
+@pytest.fixture
+def hostile_file(tmp_path):
+    path = tmp_path / "hostile.py"
+    path.write_text(HOSTILE_FILE)
+    return path
+
+
+@pytest.mark.parametrize("name, said", [("exits", "SystemExit"), ("hard_exit", "ended its worker process"),
+                                        ("interrupts", "KeyboardInterrupt")])
+def test_exit_or_interrupt_in_the_function_is_an_error_of_that_call(hostile_file, name, said, capsys):
+    """Custom functions run in worker processes: sys.exit, os._exit and KeyboardInterrupt score incorrect
+    and are reported in one line, the trainer goes on."""
+    scorer = _scorer(f"reward.custom_function={hostile_file}:{name}")
+    try:
+        res = scorer.score(["a", "b"], ["x", "x"], [0, 0], rows=_rows(2))
+        assert all(r.error for r in res)
+    finally:
+        scorer.close()
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+    assert "never" not in (scorer.never_succeeded() or "never") and "failed on all of its 2 calls" in \
+        scorer.never_succeeded()
+
+
+def test_children_forked_by_the_function_die_with_the_pool(hostile_file, tmp_path):
+    import os
+
+    from grpo_core.outdir import pid_alive
+
+    pid_file = tmp_path / "pids"
+    scorer = _scorer(f"reward.custom_function={hostile_file}:forks")
+    assert [r.score for r in scorer.score(["a"], ["x"], [0], rows=_rows(1))] == [1.0]
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        time.sleep(0.05)
+    child = int(pid_file.read_text().split()[0])
+    scorer.close()
+    for _ in range(100):
+        if not pid_alive(child):
+            break
+        time.sleep(0.05)
+    assert not pid_alive(child)
+    assert os.getpid() != child
+
+
+def test_module_that_exits_at_import_or_wrong_signature_is_a_config_error(tmp_path, hostile_file):
+    from grpo_core.scoring import check_custom_functions
+
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nos._exit(3)\n")
+    with pytest.raises(RewardFunctionError, match=r"reward.custom_function.*ended \(exit code 3"):
+        _scorer(f"reward.custom_function={bad}:f")
+    with pytest.raises(RewardFunctionError, match=r"reward.by_source.s.*two_args\(solution_str, ground_truth\) "
+                                                  r"cannot take verl's 4 arguments"):
+        check_custom_functions(load_config(None, [f"reward.by_source={{s: '{hostile_file}:two_args'}}"]))
+
+
+def test_cli_refuses_a_bad_reward_before_writing_anything(tmp_path, hostile_file, capsys):
+    from grpo_core.cli import main
+
+    out = tmp_path / "run"
+    for spec in (f"{hostile_file}:two_args", f"{hostile_file}:nope", f"{tmp_path}/none.py:f", "no_such_mod_q:f"):
+        rc = main(["train", "configs/demo_cpu.yaml", "--set", f"trainer.output_dir={out}",
+                   "--set", f"reward.custom_function={spec}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "reward.custom_function" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_huge_scores_are_errors_not_nan_advantages(tmp_path):
+    path = tmp_path / "big.py"
+    path.write_text("def f(d, s, g, e=None):\n    return 1e308 if s == 'a' else 5.0\n")
+    scorer = _scorer(f"reward.custom_function={path}:f")
+    try:
+        res = scorer.score(["a", "b"], ["x", "x"], [0, 0], rows=_rows(2))
+    finally:
+        scorer.close()
+    assert res[0].error and res[0].score == 0.0 and res[1].score == 5.0

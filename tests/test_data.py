@@ -159,14 +159,14 @@ def test_unlabeled_rows_need_opt_in(tmp_path):
          r"row 0: field 'prompt' must be a list of \{role, content\} messages, got str"),
         ([{"prompt": [], "reward_model": {"ground_truth": "5"}}], r"row 0: field 'prompt' is an empty message list"),
         ([{"prompt": ["hi"], "reward_model": {"ground_truth": "5"}}], r"field 'prompt\[0\]' must be a \{role"),
-        ([{"prompt": [{"role": "user", "content": "q"}], "reward_model": {"ground_truth": 5}}],
-         r"row 0: field 'reward_model.ground_truth' must be a string, got int"),
+        ([{"prompt": [{"role": "user", "content": "q"}], "reward_model": {"ground_truth": True}}],
+         r"row 0: field 'reward_model.ground_truth' must be a string, number, list or dict, got bool"),
         ([{"prompt": [{"role": "user", "content": "q"}], "reward_model": {"ground_truth": "5"}, "extra_info": 3}],
          r"row 0: field 'extra_info' must be a dict"),
     ],
     ids=["answer-int", "prompt-int", "solution-list", "prompt-empty", "source-int", "no-prompt", "plain-no-prompt",
          "rm-str",
-         "content-missing", "content-int", "verl-prompt-str", "verl-prompt-empty", "message-str", "gt-int",
+         "content-missing", "content-int", "verl-prompt-str", "verl-prompt-empty", "message-str", "gt-bool",
          "extra-int"],
 )
 def test_bad_rows_raise_one_error_naming_file_row_field(tmp_path, rows, message):

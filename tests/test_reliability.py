@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from grpo_core.checkpoint import (MANIFEST, find_checkpoint, list_checkpoints, save_checkpoint, select_checkpoint,
                                   verify_checkpoint)
 from grpo_core.errors import CheckpointError, DiskError, OutputDirError
-from grpo_core.outdir import LOCK_NAME, RunLock, claim_output_dir
+from grpo_core.outdir import LOCK_NAME, MARKER_NAME, RunLock, claim_output_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,8 +199,10 @@ def test_reuse_without_resume_is_refused_and_force_archives(tmp_path):
     lock.release()
     archived = [p for p in out.iterdir() if p.name.startswith("previous-")]
     assert len(archived) == 1 and "moved the previous run" in said[0]
-    assert sorted(str(p.relative_to(archived[0])) for p in archived[0].rglob("*")) == before  # all kept
-    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_NAME, archived[0].name])
+    # all of the run's files kept; the user's own file is neither moved nor touched
+    assert sorted(str(p.relative_to(archived[0])) for p in archived[0].rglob("*")) == [
+        p for p in before if p != "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_NAME, MARKER_NAME, "notes.txt", archived[0].name])
     # --resume auto on a dir whose run died before its first checkpoint: the leftovers are archived too
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     claim_output_dir(out, resume="auto", force=False, say=said.append).release()

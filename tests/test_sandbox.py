@@ -181,3 +181,63 @@ def test_limits_validate():
         SandboxLimits(timeout_s=0)
     with pytest.raises(ValueError, match="timeout_s"):
         code_reward("x", ADD_TESTS, timeout_s=-1)
+
+
+# ------------------------------------------------------------------------------- the verdict, /proc, the disk
+
+@pytest.mark.parametrize("name, prog", [
+    ("the runner's own functions", "import sys\nm = sys.modules['__main__']\nfor k in dir(m):\n"
+                                   "    f = getattr(m, k)\n    try:\n        f('done', 3)\n    except BaseException:\n"
+                                   "        pass\n    try:\n        f('done', 3, 3)\n    except BaseException:\n"
+                                   "        pass\n"),
+    ("builtins patched", "import builtins\nbuiltins.add = lambda *a: 3\nbuiltins.AssertionError = type(None)"),
+    ("every descriptor", "import os\nfor fd in range(3, 1024):\n    try:\n        os.write(fd, b'x done 3 3\\n')\n"
+                         "    except OSError:\n        pass"),
+    ("signals to every pid", "import os\nfor pid in range(1, 200):\n    try:\n        os.kill(pid, 9)\n"
+                             "    except OSError:\n        pass"),
+    ("memory of every process", "import os\nfor p in os.listdir('/proc'):\n    try:\n"
+                                "        open('/proc/%s/mem' % p, 'rb').read(1)\n    except OSError:\n        pass"),
+    ("a generic answer server", "import sys\nm = sys.modules['__main__']\nm.serve = lambda *a: None\nTrue"),
+])
+def test_a_program_that_defines_nothing_scores_zero(name, prog):
+    """The verdict comes from the judge process: nothing a program does inside its own process forges it."""
+    assert code_reward(_fenced(prog), ADD_TESTS + "assert 1 == 1\n", TIMEOUT) == 0.0, name
+
+
+def test_tests_that_never_reach_the_program_score_zero():
+    assert code_reward(_fenced("x = 1"), "assert True\nassert 2 + 2 == 4", TIMEOUT) == 0.0
+
+
+def test_judged_values_methods_exceptions_and_program_objects():
+    prog = ("class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n"
+            "        self.items.append(x)\n        return self\n    def __len__(self):\n        return len(self.items)\n"
+            "def gen(n):\n    yield from range(n)\n"
+            "def check(x):\n    if x < 0:\n        raise ValueError('negative')\n    return {'x': [x, (x,), {x}]}\n"
+            "def nan():\n    return float('nan')\n")
+    tests = ("s = Stack()\nassert len(s.push(1).push(2)) == 2\nassert s.items == [1, 2]\n"
+             "assert list(gen(3)) == [0, 1, 2]\nassert check(2) == {'x': [2, (2,), {2}]}\n"
+             "try:\n    check(-1)\n    raised = False\nexcept ValueError:\n    raised = True\nassert raised\n"
+             "assert nan() != nan()\nassert all(check(i)['x'][0] == i for i in range(3))\n")
+    assert code_reward(_fenced(prog), tests, 5.0) == 1.0
+    # a program object never equals a value, whatever its __eq__ says
+    liar = "class Any:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Any()"
+    assert code_reward(_fenced(liar), ADD_TESTS, TIMEOUT) == 0.0
+
+
+def test_no_host_process_is_visible():
+    if not sandbox.namespace_flags() & sandbox._CLONE_NEWPID:
+        pytest.skip("no pid namespace here (the sandbox logs a warning)")
+    prog = "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))"
+    result = run_python(prog, limits=SandboxLimits(timeout_s=TIMEOUT))
+    assert max(eval(result.stdout)) <= 3, result.stdout  # our own output: the namespace's pids only
+
+
+def test_total_disk_use_is_bounded(monkeypatch, tmp_path):
+    if not sandbox.namespace_flags() & sandbox._CLONE_NEWNS:
+        pytest.skip("no mount namespace here: only the per-file bound holds (the sandbox logs a warning)")
+    monkeypatch.setattr(sandbox.tempfile, "tempdir", str(tmp_path))
+    prog = ("n = 0\nfor d in ['.', '/tmp', '/var/tmp', '/dev/shm', '/run/lock']:\n    for i in range(50):\n"
+            "        try:\n            open('%s/f%d' % (d, i), 'wb').write(b'x' * (4 << 20))\n            n += 4\n"
+            "        except OSError:\n            break\nprint(n)")
+    result = run_python(prog, limits=SandboxLimits(timeout_s=10, disk_mb=24))
+    assert int(result.stdout) <= 24, result.stdout

@@ -22,7 +22,7 @@ from grpo_core.data.schema import rows_to_samples
 def add_data_subcommands(commands: argparse._SubParsersAction) -> None:
     """Register `make-synthetic` and `validate` on the `data` group's subparsers (dest="data_command")."""
     make = commands.add_parser("make-synthetic", help="write synthetic train/test splits (parquet)")
-    make.add_argument("--out", required=True, type=Path, help="output folder")
+    make.add_argument("--out", required=True, type=_user_path, help="output folder")
     make.add_argument("--kinds", default="arith,linear_eq,frac",
                       help="comma-separated task kinds: arith, linear_eq, frac, pyfunc (code: train with "
                            "reward.default=code)")
@@ -32,18 +32,34 @@ def add_data_subcommands(commands: argparse._SubParsersAction) -> None:
     make.add_argument("--level", type=int, default=None,
                       help="difficulty level for every kind (default: mix all levels)")
     make.add_argument("--format", choices=("parquet", "jsonl"), default="parquet", help="file format")
+    make.add_argument("--force", action="store_true", help="replace train/test files already in --out")
 
     validate = commands.add_parser("validate", help="check that data files load and summarize them")
-    validate.add_argument("files", nargs="+", type=Path, help="parquet or JSONL files")
+    validate.add_argument("files", nargs="+", type=_user_path, help="parquet or JSONL files")
     validate.add_argument("--allow-unlabeled", action="store_true", help="accept rows without a gold answer")
+
+
+def _user_path(text: str) -> Path:
+    return Path(text).expanduser()
 
 
 def _make_synthetic(args: argparse.Namespace) -> int:
     from grpo_core.tasks import make_train_test
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    if args.n_train <= 0 or args.n_test <= 0:
-        raise DataError(f"--n-train and --n-test must be positive, got {args.n_train} and {args.n_test}")
+    from grpo_core.config import MAX_SYNTHETIC_ROWS
+
+    if not (0 < args.n_train <= MAX_SYNTHETIC_ROWS and 0 < args.n_test <= MAX_SYNTHETIC_ROWS):
+        raise DataError(f"--n-train and --n-test must be in [1, {MAX_SYNTHETIC_ROWS}], got {args.n_train} and "
+                        f"{args.n_test}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder")
+    existing = [str(out / f"{split}.{args.format}") for split in ("train", "test")
+                if (out / f"{split}.{args.format}").exists()]
+    if existing and not args.force:  # checked before minutes of generation, and never replaced silently
+        raise DataError(f"--out {out} already holds {' and '.join(existing)}; pass --force to replace them, or "
+                        f"choose another --out")
     try:
         train, test = make_train_test(kinds, args.n_train, args.n_test, seed=args.seed, level=args.level)
     except ValueError as exc:
@@ -77,5 +93,5 @@ def run_data_command(args: argparse.Namespace) -> int:
     try:
         return _COMMANDS[args.data_command](args)
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"grpo data {args.data_command}: {exc}", file=sys.stderr)
         return 1

@@ -21,7 +21,18 @@ class DataError(ValueError):
     """A data file or one of its rows is unusable; the message names file, row and field."""
 
 
+def _parquet_parts(path: Path) -> list[Path]:
+    """The parquet files of a partitioned dataset directory (Spark/pyarrow layout: part files, possibly in
+    key=value subfolders)."""
+    return sorted(p for p in path.rglob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
+
+
 def _suffix_kind(path: Path) -> str:
+    if path.is_dir():
+        if _parquet_parts(path):
+            return "parquet"
+        raise DataError(f"{path}: a directory with no .parquet files (give a parquet/JSONL file, or a "
+                        f"directory of parquet part files)")
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
         return "parquet"
@@ -41,16 +52,19 @@ def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[st
     """
     path = Path(path)
     kind = _suffix_kind(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: file not found")
     if kind == "parquet":
         import pyarrow.parquet as pq
 
-        try:
+        try:  # a directory is read as one partitioned dataset
             table = pq.read_table(path)
         except Exception as exc:  # pyarrow raises several types for corrupt files
-            raise DataError(f"{path}: cannot read parquet file: {exc}") from exc
+            raise DataError(f"{path}: cannot read parquet {'dataset' if path.is_dir() else 'file'}: {exc}") \
+                from exc
         return table.to_pylist(), list(table.column_names)
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
 
     rows: list[dict[str, Any]] = []
     columns: dict[str, None] = {}
@@ -58,6 +72,8 @@ def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[st
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text: {exc}") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) are not rows

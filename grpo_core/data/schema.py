@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from grpo_core.data.io import DataError
 
@@ -158,30 +158,35 @@ def parse_mapped_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: 
     else:
         messages = _messages(prompt, ctx, prompt_key)
     gold = get_path(row, answer_key)
-    answer, raw = None, None
-    if gold is _MISSING or gold is None:
-        if not allow_unlabeled:
-            raise ctx.error(answer_key, "is missing (data.answer_key; rows without a gold answer need "
-                                        "allow_unlabeled=True)")
-    elif isinstance(gold, bool) or not isinstance(gold, (str, int, float, list, dict)):
-        raise ctx.error(answer_key, f"must be a string, number, list or dict, got {_type_name(gold)}")
-    else:
-        answer = gold if isinstance(gold, str) else (str(gold) if isinstance(gold, (int, float))
-                                                      else json.dumps(gold, ensure_ascii=False))
-        raw = None if isinstance(gold, str) else gold
-        if not answer.strip():
-            raise ctx.error(answer_key, "is empty")
+    if (gold is _MISSING or gold is None) and not allow_unlabeled:
+        raise ctx.error(answer_key, "is missing (data.answer_key; rows without a gold answer need "
+                                    "allow_unlabeled=True)")
+    answer, raw = _read_gold(gold, ctx, answer_key)
     data_source = ctx.string(row, "data_source", optional=True)
     solution = ctx.string(row, "solution", optional=True)
     return messages, answer, data_source, solution, _extra_info(row, ctx), raw
 
 
+def _read_gold(gold: Any, ctx: _RowContext, key: str) -> tuple[Optional[str], Any]:
+    """(answer string for the verifier, raw value for a custom reward or None when it is that string) of a
+    gold of any format: a string, number, list or dict (numbers become strings, others JSON)."""
+    if gold is _MISSING or gold is None:
+        return None, None
+    if isinstance(gold, bool) or not isinstance(gold, (str, int, float, list, dict)):
+        raise ctx.error(key, f"must be a string, number, list or dict, got {_type_name(gold)}")
+    answer = gold if isinstance(gold, str) else (str(gold) if isinstance(gold, (int, float))
+                                                  else json.dumps(gold, ensure_ascii=False))
+    if not answer.strip():
+        raise ctx.error(key, "is empty")
+    return answer, None if isinstance(gold, str) else gold
+
+
 def parse_verl_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: bool):
-    """Validate one verl row; return (messages, answer, data_source, solution, extra_info)."""
+    """Validate one verl row; return (messages, answer, data_source, solution, extra_info, raw gold)."""
     messages = _messages(row.get("prompt"), ctx, "prompt")
 
     reward_model = row.get("reward_model")
-    answer = None
+    answer, raw = None, None
     if reward_model is None:
         if not allow_unlabeled:
             raise _gold_missing(ctx, "reward_model")
@@ -191,25 +196,37 @@ def parse_verl_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: bo
         gold = reward_model.get("ground_truth")
         if gold is None and not allow_unlabeled:
             raise _gold_missing(ctx, "reward_model.ground_truth")
-        if gold is not None:
-            answer = ctx.string(reward_model, "ground_truth", label="reward_model.ground_truth")
+        answer, raw = _read_gold(gold, ctx, "reward_model.ground_truth")
 
     data_source = ctx.string(row, "data_source", optional=True)
-    return messages, answer, data_source, None, _extra_info(row, ctx)
+    return messages, answer, data_source, None, _extra_info(row, ctx), raw
 
 
 def parse_plain_row(row: dict[str, Any], ctx: _RowContext, *, allow_unlabeled: bool):
-    """Validate one plain row; return (messages, answer, data_source, solution, extra_info)."""
+    """Validate one plain row; return (messages, answer, data_source, solution, extra_info, raw gold)."""
     prompt = ctx.string(row, "prompt")
+    answer, raw = None, None  # the plain format's answer is a string (use data.answer_key for others)
     if row.get("answer") is None and allow_unlabeled:
-        answer = None
+        pass
     elif row.get("answer") is None:
         raise _gold_missing(ctx, "answer")
     else:
         answer = ctx.string(row, "answer")
     data_source = ctx.string(row, "data_source", optional=True)
     solution = ctx.string(row, "solution", optional=True)
-    return [{"role": "user", "content": prompt}], answer, data_source, solution, _extra_info(row, ctx)
+    return [{"role": "user", "content": prompt}], answer, data_source, solution, _extra_info(row, ctx), raw
+
+
+def _check_unicode(ctx: _RowContext, fields: list[tuple[str, Any]]) -> None:
+    """Text must be encodable as UTF-8 (the tokenizer's input): a lone surrogate, which JSON and Python strings
+    can carry, is refused here, naming the row and field, rather than crash the tokenizer mid-run."""
+    for label, text in fields:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ctx.error(label, f"holds {text[e.start:e.end]!r} at character {e.start}, a lone surrogate "
+                                       f"that is not valid Unicode text; fix or drop the row") from None
 
 
 def rows_to_samples(
@@ -245,12 +262,15 @@ def rows_to_samples(
     samples = []
     for index, row in enumerate(rows):
         ctx = _RowContext(path, index)
-        raw = None
         if mapped:
             messages, answer, data_source, solution, extra_info, raw = parse_mapped_row(
                 row, ctx, allow_unlabeled=allow_unlabeled, prompt_key=prompt_key, answer_key=answer_key)
         else:
-            messages, answer, data_source, solution, extra_info = parse(row, ctx, allow_unlabeled=allow_unlabeled)
+            messages, answer, data_source, solution, extra_info, raw = parse(row, ctx,
+                                                                             allow_unlabeled=allow_unlabeled)
+        _check_unicode(ctx, [(f"prompt[{i}].content" if not mapped else prompt_key, m.get("content"))
+                             for i, m in enumerate(messages)]
+                       + [("answer", answer), ("solution", solution), ("data_source", data_source)])
         from_string = fmt == PLAIN or (mapped and isinstance(get_path(row, prompt_key), str))
         if system_prompt and from_string:
             messages = [{"role": "system", "content": system_prompt}, *messages]

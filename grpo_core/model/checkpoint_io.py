@@ -90,9 +90,10 @@ def iter_shards(path: str | os.PathLike, check: bool = True) -> Iterator[dict[st
 SAFETENSORS_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 
-def check_weight_headers(path: str | os.PathLike) -> dict[str, str]:
-    """Read only the safetensors headers (no tensor data): {tensor name: dtype}. Raises WeightsError for a file
-    that is not safetensors or is truncated, and for a non-float tensor, naming both."""
+def check_weight_headers(path: str | os.PathLike, shapes: dict | None = None) -> dict[str, str]:
+    """Read only the safetensors headers (no tensor data): {tensor name: dtype}, and each tensor's shape into
+    `shapes` when given. Raises WeightsError for a file that is not safetensors or is truncated, and for a
+    non-float tensor, naming both."""
     import struct
 
     out: dict[str, str] = {}
@@ -119,6 +120,8 @@ def check_weight_headers(path: str | os.PathLike) -> dict[str, str]:
                                    f"weights only (casting would silently change the values): convert the checkpoint "
                                    f"to float16/bfloat16/float32")
             out[name] = dtype
+            if shapes is not None:
+                shapes[name] = (tuple(meta.get("shape") or ()), file.name)
     return out
 
 
@@ -146,6 +149,15 @@ def plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[
     return shards
 
 
+def _save_file(shard: dict, path: Path) -> None:
+    """safetensors' save_file, with its I/O failures (a Rust error carrying "os error N") raised as the OSError
+    they are, naming the file, so that disk full or read-only is reported like any other write."""
+    from grpo_core.errors import naming
+
+    with naming(path):
+        save_file(shard, str(path), metadata={"format": "pt"})
+
+
 def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
     """Write safetensors shard(s) (+ index when more than one) into `directory`; returns the file names."""
     shards = plan_shards(tensors, max_shard_bytes)
@@ -157,7 +169,7 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
     for name, keys in zip(names, shards):
         # One shard at a time on the CPU: a gathered ZeRO-3 state dict may live on the GPU.
         shard = {k: tensors[k].detach().to("cpu").contiguous() for k in keys}
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        _save_file(shard, directory / name)
         follow_umask(directory / name)  # safetensors writes 0600
         weight_map.update({k: name for k in keys})
         del shard
@@ -170,7 +182,9 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
 
 
 def write_json(file: Path, obj: dict) -> None:
-    with open(file, "w", encoding="utf-8") as f:
+    from grpo_core.errors import naming
+
+    with naming(file), open(file, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
 
