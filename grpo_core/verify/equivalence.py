@@ -342,24 +342,31 @@ def _eq_value(rel: Relation, gold: bool = False):
 _FLIP = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}
 
 
-def _solve_linear(x: Relation):
-    """``-x > -4`` -> ``x < 4``: a two-sided inequality linear in one symbol, solved; else None."""
-    if len(x.terms) != 2 or x.ops[0] not in _FLIP or not all(isinstance(t, sympy.Basic) for t in x.terms):
+def _linear_in_one_symbol(expr):
+    """``expr`` = k * sym + rest with k a nonzero real constant and rest constant: (sym, k, rest); else None."""
+    if len(expr.free_symbols) != 1:
         return None
-    d = x.terms[0] - x.terms[1]
-    free = d.free_symbols
-    if len(free) != 1:
-        return None
-    (sym,) = free
+    (sym,) = expr.free_symbols
     try:
-        k = sympy.diff(d, sym)
-        rest = sympy.expand(d - k * sym)
+        k = sympy.diff(expr, sym)
+        rest = sympy.expand(expr - k * sym)
     except (Deadline, KeyboardInterrupt):
         raise
     except Exception:
         return None
     if k.free_symbols or rest.free_symbols or not k.is_real or k == 0:
         return None
+    return sym, k, rest
+
+
+def _solve_linear(x: Relation):
+    """``-x > -4`` -> ``x < 4``: a two-sided inequality linear in one symbol, solved; else None."""
+    if len(x.terms) != 2 or x.ops[0] not in _FLIP or not all(isinstance(t, sympy.Basic) for t in x.terms):
+        return None
+    linear = _linear_in_one_symbol(x.terms[0] - x.terms[1])
+    if linear is None:
+        return None
+    sym, k, rest = linear
     bound = -rest / k
     op = x.ops[0] if k > 0 else _FLIP[x.ops[0]]
     return Relation((sym, bound), (op,))
@@ -394,19 +401,10 @@ def _solve_abs(x: Relation):
         left, right, op = right, left, _FLIP[op]
     if not isinstance(left, sympy.Abs) or not _is_positive_constant(right):
         return None
-    inner = left.args[0]
-    if len(inner.free_symbols) != 1:
+    linear = _linear_in_one_symbol(left.args[0])
+    if linear is None:
         return None
-    (sym,) = inner.free_symbols
-    try:
-        k = sympy.diff(inner, sym)
-        rest = sympy.expand(inner - k * sym)
-    except (Deadline, KeyboardInterrupt):
-        raise
-    except Exception:
-        return None
-    if k.free_symbols or rest.free_symbols or not k.is_real or k == 0:
-        return None
+    _, k, rest = linear
     ends = sorted(((-right - rest) / k, (right - rest) / k), key=lambda v: float(v))
     strict = op in ("<", ">")
     if op in ("<", "<="):
