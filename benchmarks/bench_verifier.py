@@ -237,8 +237,9 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Verifier benchmark: ours vs Math-Verify {report.get('math_verify', {}).get('version', '(not run)')}",
         "",
-        f"Machine: {m['processor']}, {m['cores']} cores (shared with other jobs and loaded while measuring; "
-        f"throughput numbers are noisy), Python {m['python']}, sympy {m['sympy']}. Commit {report['commit']}.",
+        f"Machine: {m['processor']}, {m['cores']} cores (1-min load average {m.get('load_1min_start', '?')} at the "
+        f"start, {m.get('load_1min_end', '?')} at the end: throughput is noisy above about 1 per core), "
+        f"Python {m['python']}, sympy {m['sympy']}. Commit {report['commit']}.",
         "Throughput is items/s of ONE process calling the verifier sequentially (one core).",
         "",
         "| class | n | match/no-match | ours acc | ours FP | ours TO | ours items/s"
@@ -291,6 +292,7 @@ def main() -> None:
     run_ours(cases)  # warm-up pass: sympy's lazy imports / first-use costs are not billed to a case
     _parse_cached.cache_clear()  # but measure without our parse cache hits from the warm-up ...
     sympy.core.cache.clear_cache()  # ... and without sympy's own cache of the warm-up's expressions
+    load_start = os.getloadavg()[0]
     ours = run_ours(cases)
     report = {
         "machine": {
@@ -299,7 +301,7 @@ def main() -> None:
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "sympy": sympy.__version__,
-            "note": "shared machine, loaded by other jobs while measuring: throughput is noisy",
+            "load_1min_start": round(load_start, 2),  # the end's is added once every measurement has run
         },
         "commit": _commit(),
         "case_files": [os.path.relpath(p, ROOT) for p in args.cases],
@@ -317,6 +319,7 @@ def main() -> None:
         report["throughput_ratio"] = (report["ours"]["items_per_s_single_core"]
                                       / report["math_verify"]["items_per_s_single_core"])
     report["by_class"] = by_class(cases, ours, mv)
+    report["machine"]["load_1min_end"] = round(os.getloadavg()[0], 2)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
