@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from grpo_core.scoring import MAX_REWARD  # bound on |reward| values (light import: no torch)
+
 
 class ConfigError(ValueError):
     """A config value is wrong; the message starts with the dotted key."""
@@ -130,7 +132,6 @@ MAX_GROUP_SIZE = 1024  # rollout.group_size bound (see RolloutConfig.validate)
 MAX_RESPONSES_PER_STEP = 1 << 16  # rollout.group_size x trainer.train_batch_prompts bound
 MAX_SYNTHETIC_ROWS = 1_000_000  # data.synthetic_*_size bound (generated at start-up)
 MAX_WORKERS = 256  # reward.verifier_workers bound (processes)
-MAX_REWARD = 1e6  # bound on |reward| values: advantage normalisation squares differences of rewards
 
 
 @dataclass

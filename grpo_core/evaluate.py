@@ -18,7 +18,9 @@ from grpo_core.progress import generate_with_progress, progress_bar
 from grpo_core.rollout.base import SamplingParams
 
 
-def _greedy_params(cfg, n: int = 1, temperature: float = 0.0, seed: int = 0):
+def eval_sampling_params(cfg, n: int = 1, temperature: float = 0.0, seed: int = 0):
+    """Evaluation decoding: n samples at `temperature` (0 = greedy), no top-p/top-k, the rollout's token budget
+    and stop strings."""
     return SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=cfg.rollout.max_new_tokens,
                           stop_strings=list(cfg.rollout.stop_strings), seed=seed)
 
@@ -33,7 +35,7 @@ def evaluate_accuracy(engine, eval_set, scorer, cfg, dist_info, greedy: bool | N
     greedy = cfg.trainer.eval_greedy if greedy is None else greedy
     temperature = 0.0 if greedy else cfg.rollout.temperature
     gens = generate_with_progress(engine, [s.prompt_ids for s in samples],
-                                  _greedy_params(cfg, temperature=temperature, seed=cfg.trainer.seed),
+                                  eval_sampling_params(cfg, temperature=temperature, seed=cfg.trainer.seed),
                                   desc=f"eval ({'greedy' if greedy else 'sampled'})", leave=False, delay=2.0,
                                   enabled=cfg.logging.progress_bar)
     texts = [g.text or "" for g in gens]
@@ -328,12 +330,12 @@ def run_eval(args, ks: list[int], n: int) -> tuple[dict, str]:
     scorer = Scorer(cfg)
     try:
         prompts = [s.prompt_ids for s in samples]
-        sampled = generate_with_progress(engine, prompts, _greedy_params(cfg, n=n, temperature=args.temperature,
+        sampled = generate_with_progress(engine, prompts, eval_sampling_params(cfg, n=n, temperature=args.temperature,
                                                                          seed=args.seed),
                                          desc=f"generate ({n}/prompt, T={args.temperature:g})")
         # At temperature 0 the samples are the greedy responses already.
         greedy = sampled[::n] if args.temperature == 0 else generate_with_progress(
-            engine, prompts, _greedy_params(cfg), desc="generate (greedy)")
+            engine, prompts, eval_sampling_params(cfg), desc="generate (greedy)")
         s_res = scorer.score([g.text or "" for g in sampled], [samples[g.prompt_index].answer for g in sampled],
                              [g.prompt_index for g in sampled])
         g_res = s_res[::n] if args.temperature == 0 else scorer.score(

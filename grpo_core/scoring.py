@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 from grpo_core.errors import UserError
 
 BUILTIN_SCORERS = ("math", "code", "ttrl")
-MAX_REWARD = 1e6  # = grpo_core.config.MAX_REWARD (not imported: worker processes stay light)
+MAX_REWARD = 1e6  # bound on |reward| values: advantage normalisation squares differences of rewards
 
 
 class RewardFunctionError(UserError):

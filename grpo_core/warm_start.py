@@ -27,13 +27,13 @@ def _sequences(train_set, tokenizer) -> list[tuple[list[int], list[int]]]:
 
 def greedy_accuracy(policy, tokenizer, samples, scorer, cfg: Config) -> float:
     """Greedy accuracy of the plain policy on `samples` (one response each, the rollout's token budget)."""
-    from grpo_core.evaluate import _greedy_params
+    from grpo_core.evaluate import eval_sampling_params
     from grpo_core.rollout.torch_engine import TorchRolloutEngine
 
     was_training = policy.training
     policy.eval()
     engine = TorchRolloutEngine(policy, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
-    gens = engine.generate([s.prompt_ids for s in samples], _greedy_params(cfg, seed=cfg.trainer.seed))
+    gens = engine.generate([s.prompt_ids for s in samples], eval_sampling_params(cfg, seed=cfg.trainer.seed))
     results = scorer.score([g.text or "" for g in gens], [s.answer for s in samples], list(range(len(samples))),
                            rows=samples)
     policy.train(was_training)
